@@ -1,0 +1,56 @@
+"""The adapter contract: the only code that knows Hugging Face module paths."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any, ClassVar
+
+from torch import nn
+
+from omnilens.graph import HookGraph, HookSpec
+from omnilens.hookpoints import attention_points
+
+
+class Adapter:
+    """Maps one architecture family onto the hook graph.
+
+    Subclasses set ``architectures`` (HF class names they serve) and implement :meth:`build_graph`.
+    They may override :meth:`instrument` (temporary model changes some sites need) and
+    :meth:`prepare_inputs` (turning user inputs into forward kwargs).
+    """
+
+    architectures: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.graph = self.build_graph()
+
+    def build_graph(self) -> HookGraph:
+        raise NotImplementedError
+
+    def module(self, path: str) -> nn.Module:
+        """The module at dotted ``path`` (relative to the wrapped model)."""
+        return self.model.get_submodule(path)
+
+    def attention_modules(self, specs: Sequence[HookSpec]) -> list[nn.Module]:
+        """Attention modules that must carry hook points for ``specs`` (default: every site's parent)."""
+        mods = {}
+        for spec in specs:
+            if "attention_points" in spec.requires:
+                parent = spec.module.rsplit(".", 1)[0]
+                mods[parent] = self.module(parent)
+        return list(mods.values())
+
+    @contextmanager
+    def instrument(self, specs: Sequence[HookSpec]) -> Iterator[None]:
+        """Install what ``specs`` need for one run (attention points) and remove it on exit."""
+        with ExitStack() as stack:
+            attn = self.attention_modules(specs)
+            if attn:
+                stack.enter_context(attention_points(self.model, attn))
+            yield
+
+    def prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Validate and complete forward kwargs before any forward runs (default: unchanged)."""
+        return inputs

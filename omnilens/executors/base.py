@@ -1,0 +1,85 @@
+"""The executor protocol: run a set of reads and writes on the hook graph."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from omnilens.errors import HookError
+from omnilens.graph import HookSpec
+
+PosSelector = int | slice | Sequence[int] | torch.Tensor | None
+HookFn = Callable[[torch.Tensor, HookSpec], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class Read:
+    """Read site ``name``; ``pos`` selects along its ``pos`` (or ``query``) axis, ``to`` moves the value
+    (``None`` keeps the device), ``grad`` keeps it attached to the autograd graph."""
+
+    name: str
+    pos: PosSelector = None
+    to: str | torch.device | None = "cpu"
+    grad: bool = False
+
+
+@dataclass(frozen=True)
+class Write:
+    """Replace site ``name`` by ``fn(activation, spec)`` (``None`` keeps it); ``steps`` limits the write
+    to chosen visits of the site (generation steps), ``None`` means every visit."""
+
+    name: str
+    fn: HookFn
+    steps: Sequence[int] | None = None
+
+
+@dataclass
+class RunResult:
+    """What a run returns: the model output and, per read site, one tensor per visit."""
+
+    output: Any
+    values: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+
+class Executor(Protocol):
+    """Runs a model method with reads and writes at named sites."""
+
+    def run(
+        self, inputs: dict[str, Any], reads: Sequence[Read], writes: Sequence[Write], *, method: str = "forward",
+        **kwargs: Any,
+    ) -> RunResult: ...
+
+
+def select_pos(spec: HookSpec, value: torch.Tensor, pos: PosSelector) -> torch.Tensor:
+    """``value`` restricted to ``pos`` along the spec's ``pos`` (else ``query``) axis; unchanged if none."""
+    if pos is None:
+        return value
+    axis = spec.axis("pos")
+    if axis is None:
+        axis = spec.axis("query")
+    if axis is None:
+        return value
+    if isinstance(pos, int):
+        return value.select(axis, pos).unsqueeze(axis)
+    if isinstance(pos, slice):
+        return value[(slice(None),) * axis + (pos,)]
+    idx = torch.as_tensor(pos, device=value.device, dtype=torch.long)
+    return value.index_select(axis, idx)
+
+
+def apply_write(spec: HookSpec, write: Write, value: torch.Tensor) -> torch.Tensor:
+    """Call ``write.fn`` on ``value``; check its result's shape, naming the site on any failure."""
+    try:
+        new = write.fn(value, spec)
+    except HookError:
+        raise
+    except Exception as exc:
+        raise HookError(spec.name, "the hook function to return a tensor or None",
+                        f"{type(exc).__name__}: {exc}", "The hook raised; all hooks were removed.") from exc
+    if new is None:
+        return value
+    spec.check_shape(value.shape, new)
+    return new.to(value.dtype) if new.dtype != value.dtype else new

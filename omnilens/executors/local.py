@@ -1,0 +1,109 @@
+"""The local executor: plain PyTorch forward hooks, the fast default."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from omnilens.adapters.base import Adapter
+from omnilens.executors.base import Read, RunResult, Write, apply_write, select_pos
+from omnilens.graph import HookSpec
+from omnilens.views import CallContext
+
+
+class LocalExecutor:
+    """Registers one hook per (module, port) for the requested sites; removes them on exit."""
+
+    def __init__(self, adapter: Adapter):
+        self.adapter = adapter
+
+    def run(self, inputs: dict[str, Any], reads: Sequence[Read], writes: Sequence[Write], *,
+            method: str = "forward", **kwargs: Any) -> RunResult:
+        """Call ``model.<method>(**inputs, **kwargs)`` with the reads and writes attached."""
+        with self.attach(reads, writes) as values:
+            output = getattr(self.adapter.model, method)(**inputs, **kwargs)
+        return RunResult(output, dict(values))
+
+    @contextmanager
+    def attach(self, reads: Sequence[Read], writes: Sequence[Write]) -> Iterator[dict[str, list[torch.Tensor]]]:
+        """Attach reads and writes for the duration of the block; yields the per-site values."""
+        graph = self.adapter.graph
+        specs = {n: graph[n] for n in dict.fromkeys([r.name for r in reads] + [w.name for w in writes])}
+        by_site_reads: dict[str, list[Read]] = defaultdict(list)
+        by_site_writes: dict[str, list[Write]] = defaultdict(list)
+        for r in reads:
+            by_site_reads[r.name].append(r)
+        for w in writes:
+            by_site_writes[w.name].append(w)
+        groups: dict[tuple[str, str], list[HookSpec]] = defaultdict(list)
+        for spec in sorted(specs.values(), key=lambda s: graph.order(s.name)):
+            groups[(spec.module, spec.port)].append(spec)
+        values: dict[str, list[torch.Tensor]] = defaultdict(list)
+        visits: dict[str, int] = defaultdict(int)
+        handles = []
+
+        def process(spec_list: list[HookSpec], raw: Any, ctx: CallContext) -> tuple[Any, bool]:
+            changed = False
+            for spec in spec_list:
+                step = visits[spec.name]
+                visits[spec.name] += 1
+                view = spec.view.view(raw, ctx)
+                for w in by_site_writes.get(spec.name, ()):
+                    if w.steps is not None and step not in w.steps:
+                        continue
+                    new = apply_write(spec, w, view)
+                    if new is not view:
+                        raw = _unview_into(spec, new, raw, ctx)
+                        changed = True
+                        view = spec.view.view(raw, ctx)
+                for r in by_site_reads.get(spec.name, ()):
+                    val = select_pos(spec, view, r.pos)
+                    if not r.grad:
+                        val = val.detach()
+                    if r.to is not None:
+                        val = val.to(r.to)
+                    values[spec.name].append(val)
+            return raw, changed
+
+        def output_hook(spec_list):
+            def hook(module, args, output):
+                raw, changed = process(spec_list, output, CallContext(module, args, output))
+                return raw if changed else None
+            return hook
+
+        def input_hook(spec_list):
+            def hook(module, args, kwargs):
+                if args:
+                    raw, changed = process(spec_list, args[0], CallContext(module, args))
+                    return ((raw, *args[1:]), kwargs) if changed else None
+                key = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+                raw, changed = process(spec_list, kwargs[key], CallContext(module, (kwargs[key],)))
+                return (args, {**kwargs, key: raw}) if changed else None
+            return hook
+
+        with self.adapter.instrument(list(specs.values())):
+            try:
+                for (path, port), spec_list in groups.items():
+                    module = self.adapter.module(path)
+                    if port == "output":
+                        handles.append(module.register_forward_hook(output_hook(spec_list)))
+                    else:
+                        handles.append(module.register_forward_pre_hook(input_hook(spec_list), with_kwargs=True))
+                yield values
+            finally:
+                for h in handles:
+                    h.remove()
+
+
+def _unview_into(spec: HookSpec, new: torch.Tensor, raw: Any, ctx: CallContext) -> Any:
+    """Raw tensor carrying ``new``; in-place sites copy into the existing tensor."""
+    if spec.inplace:
+        raw_new = spec.view.unview(new, raw, ctx)
+        if raw_new is not raw:
+            raw.copy_(raw_new)
+        return raw
+    return spec.view.unview(new, raw, ctx)
