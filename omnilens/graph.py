@@ -134,8 +134,9 @@ class HookGraph:
 
         ``pattern`` is a glob (``"blocks.*.hook_resid_post"``), an exact name, a list of either, or a
         predicate on names; ``None`` selects every site. Opt-in sites (e.g. ``attn.hook_result``) are
-        included only when named exactly or when ``include_opt_in=True``. A pattern that matches no
-        site raises ``KeyError`` with the closest names.
+        included when named exactly, when ``include_opt_in=True``, or (``include_opt_in=None``) when
+        a glob matches nothing but opt-in sites; ``include_opt_in=False`` leaves them out of globs.
+        A pattern that matches no site raises ``KeyError`` with the closest names.
         """
         if pattern is None:
             return [s.name for s in self if include_opt_in or not s.opt_in]
@@ -148,7 +149,8 @@ class HookGraph:
                 selected.add(pat)
                 continue
             hits = [s.name for s in self if fnmatch.fnmatchcase(s.name, pat)]
-            hits = [h for h in hits if include_opt_in is not False and (include_opt_in or not self._specs[h].opt_in)]
+            only_opt_in = include_opt_in is None and all(self._specs[h].opt_in for h in hits)
+            hits = [h for h in hits if include_opt_in or only_opt_in or not self._specs[h].opt_in]
             if not hits:
                 self[pat]  # raises KeyError with suggestions
             selected.update(hits)
@@ -189,9 +191,10 @@ class HookGraph:
                 key = s.name if s.layer is None else _block_pattern(s)
                 kinds.setdefault(key, s)
             width = max(len(k) for k in kinds)
+            axes_width = max(len(s.axes) for s in kinds.values()) + 2
             for key, s in kinds.items():
                 flag = " (opt-in)" if s.opt_in else ""
-                out.append(f"  {key:<{width}}  [{s.axes}]{flag}  {s.doc}")
+                out.append(f"  {key:<{width}}  {f'[{s.axes}]':<{axes_width}}{flag}  {s.doc}")
         if self.notes:
             out.append("\nNotes:")
             out.extend(f"  - {n}" for n in self.notes)

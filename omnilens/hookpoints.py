@@ -26,6 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 POINT_NAMES = ("hook_rot_q", "hook_rot_k", "hook_pattern")
 _lock = threading.RLock()
 _depth = 0
+_previous_eager = None  # an "eager" entry that was registered before the outermost run, restored after it
 
 
 class HookPoint(nn.Module):
@@ -92,7 +93,7 @@ def attention_points(model: nn.Module, attention_modules: Iterable[nn.Module]) -
 
     Restores the model's attention implementation and removes the points on exit.
     """
-    global _depth
+    global _depth, _previous_eager
     modules = list(attention_modules)
     configs = _eager_configs(model)
     saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
@@ -104,6 +105,7 @@ def attention_points(model: nn.Module, attention_modules: Iterable[nn.Module]) -
                     mod.add_module(name, HookPoint())
                 added.append(mod)
         if _depth == 0:
+            _previous_eager = ALL_ATTENTION_FUNCTIONS.get("eager")
             ALL_ATTENTION_FUNCTIONS["eager"] = pointed_eager_attention
         _depth += 1
         try:
@@ -116,6 +118,8 @@ def attention_points(model: nn.Module, attention_modules: Iterable[nn.Module]) -
             _depth -= 1
             if _depth == 0:
                 del ALL_ATTENTION_FUNCTIONS["eager"]
+                if _previous_eager is not None:
+                    ALL_ATTENTION_FUNCTIONS["eager"] = _previous_eager
             for mod in added:
                 for name in POINT_NAMES:
                     delattr(mod, name)

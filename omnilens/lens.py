@@ -107,7 +107,9 @@ class Lens:
         kw = self.to_inputs(inputs)
         ctx = nullcontext() if grad else torch.no_grad()
         with ctx:
-            return self.executor(executor).run(kw, reads, writes, method=method, **kwargs)
+            res = self.executor(executor).run(kw, reads, writes, method=method, **kwargs)
+        res.meta.update(self.adapter.run_meta(kw))
+        return res
 
     def run_with_cache(
         self, inputs: Any, names: Names = None, *, pos: PosSelector = None, to: str | torch.device | None = "cpu",
@@ -128,7 +130,17 @@ class Lens:
         reads = [Read(n, pos=pos, to=to, grad=grad) for n in self.graph.names(names)]
         writes = [Write(n, fn) for n, fn in self._expand_hooks(hooks)]
         res = self.run(inputs, reads, writes, executor=executor, grad=grad, **kwargs)
-        return _logits(res.output), ActivationCache(res.values, self.graph)
+        return _logits(res.output), ActivationCache(res.values, self.graph, res.meta)
+
+    def generate(self, inputs: Any, *, reads: Any = None, writes: Any = (), return_audio: bool | None = None,
+                 executor: str | None = None, **kwargs: Any):
+        """Generate from ``inputs`` with ``reads`` (names/globs cached at every visit) and ``writes``
+        (:class:`Write` or ``(name, fn[, steps])``); returns a :class:`~omnilens.generation.Generation`
+        (``ids``, ``waveform``, ``cache`` with one entry per visit). See :mod:`omnilens.generation`."""
+        from omnilens.generation import generate
+
+        return generate(self, inputs, reads=reads, writes=writes, return_audio=return_audio, executor=executor,
+                        **kwargs)
 
     def run_with_hooks(self, inputs: Any, hooks: Hooks, *, executor: str | None = None, **kwargs: Any) -> Any:
         """Forward ``inputs`` with ``hooks``: pairs ``(name_or_glob, fn)``, ``fn(activation, site) -> tensor | None``.

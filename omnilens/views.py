@@ -9,7 +9,7 @@ named tensor back into the raw module tensor. ``ctx`` carries the hooked module 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -24,7 +24,13 @@ class CallContext:
 
 
 class View:
-    """Identity view: the raw tensor is the site's tensor."""
+    """Identity view: the raw tensor is the site's tensor.
+
+    ``aliases``: the viewed tensor shares memory with the raw one, so an in-place edit of the view
+    already is an edit of the raw tensor (views computing a new tensor set it to ``False``).
+    """
+
+    aliases: ClassVar[bool] = True
 
     def view(self, raw: torch.Tensor, ctx: CallContext | None = None) -> torch.Tensor:
         return raw
@@ -81,6 +87,7 @@ class PerHeadResult(View):
 
     n_heads: int
     d_head: int
+    aliases: ClassVar[bool] = False
 
     def view(self, raw, ctx=None):
         z = ctx.args[0]

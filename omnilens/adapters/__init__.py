@@ -5,10 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from omnilens.adapters.base import Adapter
+from omnilens.adapters.qwen2_vl import Qwen2VLAdapter
 from omnilens.adapters.qwen3 import Qwen3Adapter
+from omnilens.adapters.qwen3_omni import Qwen3OmniAdapter
 from omnilens.errors import UnsupportedModelError
 
-ADAPTERS: list[type[Adapter]] = [Qwen3Adapter]
+ADAPTERS: list[type[Adapter]] = [Qwen3Adapter, Qwen3OmniAdapter, Qwen2VLAdapter]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:

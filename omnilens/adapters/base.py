@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import nn
 
 from omnilens.graph import HookGraph, HookSpec
 from omnilens.hookpoints import attention_points
+
+
+def _ids_only(output: Any) -> tuple[Any, Any]:
+    return getattr(output, "sequences", output), None
+
+
+@dataclass
+class GenerationPlan:
+    """How ``Lens.generate`` drives a model's ``generate``.
+
+    ``kwargs``: keyword arguments for ``generate``; ``towers``: tower name -> module path whose forward
+    calls are that tower's steps (``""`` path: the model itself); ``parents``: nested tower -> the tower
+    inside whose step it runs; ``unpack``: ``output -> (ids [batch pos], waveform or None)``; ``meta``:
+    extra facts recorded in the cache metadata.
+    """
+
+    kwargs: dict[str, Any]
+    towers: dict[str, str]
+    parents: dict[str, str] = field(default_factory=dict)
+    unpack: Callable[[Any], tuple[Any, Any]] = _ids_only
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class Adapter:
@@ -54,3 +76,20 @@ class Adapter:
     def prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Validate and complete forward kwargs before any forward runs (default: unchanged)."""
         return inputs
+
+    def segments(self, inputs: dict[str, Any]) -> dict[str, list[tuple[int, int]]]:
+        """``[start, end)`` per clip/image along packed encoder axes, keyed by axis name (default: none)."""
+        return {}
+
+    def run_meta(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Facts about one run put into ``ActivationCache.meta`` (default: ``{"segments": ...}`` when any)."""
+        segments = self.segments(inputs)
+        return {"segments": segments} if segments else {}
+
+    def generation_plan(self, inputs: dict[str, Any], *, return_audio: bool | None = None,
+                        **kwargs: Any) -> GenerationPlan:
+        """How to call ``generate`` (default: text generation, greedy unless ``do_sample`` is given)."""
+        if return_audio:
+            raise ValueError(f"return_audio=True: {type(self.model).__name__} produces no audio")
+        kwargs.setdefault("do_sample", False)
+        return GenerationPlan(kwargs=kwargs, towers={"": ""})

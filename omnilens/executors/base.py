@@ -10,6 +10,7 @@ import torch
 
 from omnilens.errors import HookError
 from omnilens.graph import HookSpec
+from omnilens.views import CallContext
 
 PosSelector = int | slice | Sequence[int] | torch.Tensor | None
 HookFn = Callable[[torch.Tensor, HookSpec], "torch.Tensor | None"]
@@ -42,6 +43,7 @@ class RunResult:
 
     output: Any
     values: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class Executor(Protocol):
@@ -77,9 +79,51 @@ def apply_write(spec: HookSpec, write: Write, value: torch.Tensor) -> torch.Tens
     except HookError:
         raise
     except Exception as exc:
-        raise HookError(spec.name, "the hook function to return a tensor or None",
-                        f"{type(exc).__name__}: {exc}", "The hook raised; all hooks were removed.") from exc
+        raise HookError(spec.name, f"the hook function to return a tensor of shape {tuple(value.shape)} "
+                        f"[{spec.axes}] or None", f"{type(exc).__name__}: {exc}",
+                        "The hook raised; all hooks were removed.") from exc
     if new is None:
         return value
     spec.check_shape(value.shape, new)
     return new.to(value.dtype) if new.dtype != value.dtype else new
+
+
+def unview_into(spec: HookSpec, new: torch.Tensor, raw: Any, ctx: CallContext) -> Any:
+    """The raw module value carrying the edited view ``new``; in-place sites copy into the existing tensor."""
+    if spec.inplace:
+        raw_new = spec.view.unview(new, raw, ctx)
+        if raw_new is not raw:
+            raw.copy_(raw_new)
+        return raw
+    return spec.view.unview(new, raw, ctx)
+
+
+def serve_site(spec: HookSpec, raw: Any, ctx: CallContext, reads: Sequence[Read], writes: Sequence[Write],
+               step: int, values: dict[str, list[torch.Tensor]], *, guard_reads: bool = False) -> tuple[Any, bool]:
+    """One visit of ``spec`` (visit number ``step``), the same for every executor.
+
+    Applies ``writes`` (those whose ``steps`` include ``step``) through the site's view, then appends each
+    read's value to ``values[spec.name]``. ``guard_reads`` (the run has writes) clones a read that shares
+    memory with the live tensor, so a later in-place write cannot change it. Returns the raw module value
+    (a new one if a write replaced it) and whether it changed.
+    """
+    changed = False
+    view = spec.view.view(raw, ctx)
+    for w in writes:
+        if w.steps is not None and step not in w.steps:
+            continue
+        new = apply_write(spec, w, view)
+        if new is not view or not spec.view.aliases:  # in-place edits of a computed view too
+            raw = unview_into(spec, new, raw, ctx)
+            changed = True
+            view = spec.view.view(raw, ctx)
+    for r in reads:
+        val = select_pos(spec, view, r.pos)
+        if not r.grad:
+            val = val.detach()
+        if r.to is not None:
+            val = val.to(r.to)
+        if guard_reads and val.untyped_storage().data_ptr() == view.untyped_storage().data_ptr():
+            val = val.clone()
+        values.setdefault(spec.name, []).append(val)
+    return raw, changed

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from omnilens.adapters.base import Adapter
-from omnilens.executors.base import Read, RunResult, Write, apply_write, select_pos
+from omnilens.executors.base import Read, RunResult, Write, serve_site
 from omnilens.graph import HookSpec
 from omnilens.views import CallContext
 
@@ -51,22 +51,9 @@ class LocalExecutor:
             for spec in spec_list:
                 step = visits[spec.name]
                 visits[spec.name] += 1
-                view = spec.view.view(raw, ctx)
-                for w in by_site_writes.get(spec.name, ()):
-                    if w.steps is not None and step not in w.steps:
-                        continue
-                    new = apply_write(spec, w, view)
-                    if new is not view:
-                        raw = _unview_into(spec, new, raw, ctx)
-                        changed = True
-                        view = spec.view.view(raw, ctx)
-                for r in by_site_reads.get(spec.name, ()):
-                    val = select_pos(spec, view, r.pos)
-                    if not r.grad:
-                        val = val.detach()
-                    if r.to is not None:
-                        val = val.to(r.to)
-                    values[spec.name].append(val)
+                raw, hit = serve_site(spec, raw, ctx, by_site_reads.get(spec.name, ()),
+                                      by_site_writes.get(spec.name, ()), step, values, guard_reads=bool(writes))
+                changed = changed or hit
             return raw, changed
 
         def output_hook(spec_list):
@@ -90,20 +77,14 @@ class LocalExecutor:
                 for (path, port), spec_list in groups.items():
                     module = self.adapter.module(path)
                     if port == "output":
-                        handles.append(module.register_forward_hook(output_hook(spec_list)))
+                        # prepend: run before hooks already on the module (HF's output recorders, installed
+                        # lazily on a first call), so recorded hidden states see the writes on every call
+                        handles.append(module.register_forward_hook(output_hook(spec_list), prepend=True))
                     else:
-                        handles.append(module.register_forward_pre_hook(input_hook(spec_list), with_kwargs=True))
+                        handles.append(module.register_forward_pre_hook(input_hook(spec_list), with_kwargs=True,
+                                                                        prepend=True))
                 yield values
             finally:
                 for h in handles:
                     h.remove()
 
-
-def _unview_into(spec: HookSpec, new: torch.Tensor, raw: Any, ctx: CallContext) -> Any:
-    """Raw tensor carrying ``new``; in-place sites copy into the existing tensor."""
-    if spec.inplace:
-        raw_new = spec.view.unview(new, raw, ctx)
-        if raw_new is not raw:
-            raw.copy_(raw_new)
-        return raw
-    return spec.view.unview(new, raw, ctx)

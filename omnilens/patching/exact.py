@@ -1,0 +1,135 @@
+"""Exact activation patching, many patches per forward.
+
+The base input is stacked ``n`` times along the batch axis; copy ``j`` receives cell ``j``'s patch (a
+:class:`~omnilens.interventions.StackedPatch` per site), so one forward evaluates ``n`` cells. Chunks
+are sized to a memory budget. Sites without a batch axis (packed encoder towers) fall back to one
+forward per cell. Results equal the one-forward-per-cell loop up to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from omnilens.executors.base import Read
+from omnilens.interventions import POS_AXES, Patch, StackedPatch, region
+from omnilens.patching.base import (make_result, mean_metric, model_output, normalise, resolve, run, setup,
+                                    try_resolve)
+from omnilens.patching.metrics import bind
+from omnilens.patching.results import PatchingResult
+from omnilens.patching.sweeps import Cell, Grid, Sweep
+
+DEFAULT_BUDGET = 1 << 30
+
+
+def patch_exact(
+    lens, clean: Any, corrupted: Any, metric: Callable, sweeps: Sweep | Sequence[Sweep], *,
+    direction: str = "denoise", chunk_size: int | None = None, memory_budget: int = DEFAULT_BUDGET,
+    executor: Any = None, output: str = "logits",
+) -> PatchingResult | list[PatchingResult]:
+    """Patch every cell of ``sweeps`` and measure ``metric``; one result per sweep.
+
+    Args:
+        clean, corrupted: inputs of the same shape (text, token ids ``[batch pos]`` or forward kwargs).
+        metric: ``metric(logits [rows pos vocab]) -> [rows]`` (see :mod:`omnilens.patching.metrics`);
+            a cell's value is its mean over the prompt rows.
+        direction: ``"denoise"`` patches clean activations into the corrupted run, ``"noise"``
+            corrupted activations into the clean run.
+        chunk_size: cells per forward (default: as many as ``memory_budget`` bytes allow).
+        executor: ``"local"`` or ``"nnsight"`` (default: the lens's), or an executor object such as
+            ``lens.executor("nnsight", remote="local")``.
+        output: ``"logits"`` or ``"model"`` (the metric receives the whole model output).
+
+    Returns:
+        :class:`PatchingResult` (a list when ``sweeps`` is a list), normalised 0 = corrupted, 1 = clean.
+    """
+    single = isinstance(sweeps, Sweep)
+    sweeps = [sweeps] if single else list(sweeps)
+    st = setup(lens, clean, corrupted, metric, direction, output)
+    grids = try_resolve(lens, sweeps, st.seq_len)
+    sites = list(dict.fromkeys(name for sw in sweeps for name in sw_sites(lens, sw)))
+    src = run(lens, st.source, [Read(n, to=None) for n in sites], executor=executor)
+    base = run(lens, st.base, executor=executor)
+    src_out, base_out = model_output(src.output, output), model_output(base.output, output)
+    clean_out, corr_out = (src_out, base_out) if direction == "denoise" else (base_out, src_out)
+    metric = bind(metric, clean_out, corr_out)
+    m_clean = float(mean_metric(metric, clean_out, st.rows)[0])
+    m_corr = float(mean_metric(metric, corr_out, st.rows)[0])
+    normalise(torch.zeros(()), m_clean, m_corr)  # undefined normalisation raises before patching
+    sources = {n: vs[0] for n, vs in src.values.items()}
+    results = []
+    for sweep, grid in zip(sweeps, grids):
+        if grid is None:
+            grid = resolve(lens, sweep, st.seq_len, {n: v.shape for n, v in sources.items()})
+        raw = _run_cells(lens, grid, sources, st, metric, chunk_size, memory_budget, executor, output)
+        results.append(make_result(lens, grid, raw, m_clean, m_corr, metric, "exact", st, executor))
+    return results[0] if single else results
+
+
+def sw_sites(lens, sweep: Sweep) -> list[str]:
+    return [s.name for s in sweep.specs(lens.graph)]
+
+
+def _run_cells(lens, grid: Grid, sources, st, metric, chunk_size, budget, executor, output) -> torch.Tensor:
+    raw = torch.full(grid.shape, float("nan"))
+    stackable = all(lens.graph[s].axis("batch") == 0 for s in grid.sites)
+    n = 1 if not stackable else chunk_size or max(1, budget // max(1, _row_bytes(lens, st) * st.rows))
+    cells = list(grid.cells)
+    for start in range(0, len(cells), n):
+        chunk = cells[start:start + n]
+        if stackable:
+            inputs = _stack_inputs(st.base, len(chunk), st.rows)
+            writes = [w for iv in _stacked_patches(lens, chunk, sources) for w in iv.writes()]
+        else:
+            inputs = st.base
+            writes = [w for iv in [cell_patch(lens, chunk[0], sources[chunk[0].site])] for w in iv.writes()]
+        out = model_output(run(lens, inputs, (), writes, executor).output, output)
+        values = mean_metric(metric, out, st.rows, len(chunk))
+        for cell, v in zip(chunk, values.tolist()):
+            raw[cell.index] = v
+    return raw
+
+
+def cell_patch(lens, cell: Cell, source: torch.Tensor) -> Patch:
+    """The :class:`~omnilens.interventions.Patch` that applies one cell."""
+    return Patch(cell.site, source, **selectors(lens.graph[cell.site], cell.select))
+
+
+def selectors(spec, select) -> dict[str, list[int]]:
+    """Cell selection (site axis -> indices) as intervention selectors (``pos``, ``head``, ``kv_head``)."""
+    return {("pos" if axis in POS_AXES else axis): list(idx) for axis, idx in select.items()}
+
+
+def _stacked_patches(lens, chunk: list[Cell], sources) -> list[StackedPatch]:
+    by_site: dict[str, list[tuple[int, Cell]]] = defaultdict(list)
+    for j, cell in enumerate(chunk):
+        by_site[cell.site].append((j, cell))
+    out = []
+    for site, cells in by_site.items():
+        spec, source = lens.graph[site], sources[site]
+        swept = {a for _, c in cells for a in c.select}
+        shape = (1,) + tuple(n if a in swept else 1 for a, n in zip(spec.axis_names[1:], source.shape[1:]))
+        mask = torch.zeros((len(chunk),) + shape, dtype=torch.bool, device=source.device)
+        for j, cell in cells:
+            mesh = region(spec, torch.Size(shape), selectors(spec, cell.select), source.device)
+            mask[j][mesh] = True
+        out.append(StackedPatch(site, source, mask))
+    return out
+
+
+def _stack_inputs(inputs: dict[str, Any], n: int, rows: int) -> dict[str, Any]:
+    """Forward kwargs with every batch-leading tensor repeated ``n`` times (copy-major)."""
+    return {k: v.repeat(n, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows
+            else v for k, v in inputs.items()}
+
+
+def _row_bytes(lens, st) -> int:
+    """Rough peak bytes of one batch row in a no-grad forward: logits, a block's temporaries, attention scores."""
+    cfg = lens.config.get_text_config()
+    seq = st.seq_len or 1
+    d, mlp = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    heads = cfg.num_attention_heads
+    return 4 * seq * (cfg.vocab_size + 12 * d + 3 * mlp + 2 * heads * seq)

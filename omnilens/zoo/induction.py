@@ -1,0 +1,120 @@
+"""Data for the ``induction`` zoo model: random tokens with repeated segments (Olsson et al. 2022).
+
+Token ids: 0 = bos, 1 = eos (unused), then :data:`WORDS`, then ``[UNK]``. Everything is seeded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Int
+from transformers import PreTrainedTokenizerFast
+
+from omnilens.zoo.vocab import word_tokenizer
+
+WORDS = (
+    "ant bee cat cow dog eel elk fox gnu hen jay koi owl pig ram rat yak ape bat cod "
+    "red tan sky sea sun fog ice oak elm ash fir bay cove dune glen hill lake moor peak reef "
+    "axe bow cup fan hat jar key map mug net oar pan pen pot rod saw tap urn vat wig "
+    "arm ear eye hip jaw leg lip rib toe gum "
+    "bun egg fig ham jam nut pea pie rye tea yam oat "
+    "box bus cab car jet van cart ship raft sled "
+    "one two six ten"
+).split()
+FIRST_WORD_ID = 2
+N_WORDS = len(WORDS)
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    """The induction model's word-level tokenizer."""
+    return word_tokenizer(WORDS)
+
+
+def vocab_size() -> int:
+    return N_WORDS + 3
+
+
+def _words(gen: torch.Generator, n: int, distinct: bool = False) -> torch.Tensor:
+    if distinct:
+        return torch.randperm(N_WORDS, generator=gen)[:n] + FIRST_WORD_ID
+    return torch.randint(0, N_WORDS, (n,), generator=gen) + FIRST_WORD_ID
+
+
+def training_batch(batch: int, seq_len: int, gen: torch.Generator) -> Int[torch.Tensor, "batch seq_len"]:
+    """Training sequences ``[batch seq_len]``: bos, a random prefix (0-8 words), a segment of 2-20 distinct
+    words, a random gap (0-4 words), the same segment again, then random words up to ``seq_len``.
+
+    Segments as short as 2 words leave the previous token as the only offset that always finds the
+    earlier occurrence, which makes layer 0 learn a previous-token head rather than a longer fixed offset.
+    """
+    out = _words(gen, batch * seq_len).view(batch, seq_len)
+    out[:, 0] = 0
+    for row in out:
+        pre, seg_len, gap = (int(torch.randint(lo, hi, (1,), generator=gen)) for lo, hi in ((0, 9), (2, 21), (0, 5)))
+        seg = _words(gen, seg_len, distinct=True)
+        first = 1 + pre
+        second = first + seg_len + gap
+        row[first:first + seg_len] = seg
+        end = min(second + seg_len, seq_len)
+        row[second:end] = seg[: end - second]
+    return out
+
+
+@dataclass(frozen=True)
+class InductionPairs:
+    """Clean/corrupted prompts for patching the induction circuit.
+
+    ``clean [batch pos]`` = (bos,) a segment ``A`` of distinct words, then ``A[:query+1]``: the last token
+    ``A[query]`` occurred before, followed by ``A[query+1]`` (the ``answer``). ``corrupted`` is ``clean`` with
+    that earlier occurrence of ``A[query]`` replaced by a word not in ``A`` (``wrong``): the last token has no
+    earlier occurrence left. The pair differs in one token, which reaches the prediction through the
+    previous-token head (at the next position) and the induction head.
+    ``answer``/``wrong`` are ``[batch]`` token ids: the clean continuation, and the replacing word.
+    """
+
+    clean: torch.Tensor
+    corrupted: torch.Tensor
+    answer: torch.Tensor
+    wrong: torch.Tensor
+    seg_len: int
+    query: int
+    offset: int = 1
+
+    @property
+    def prev_pos(self) -> int:
+        """Position of the earlier occurrence of the last token in ``clean`` (``offset`` = 1 with a bos)."""
+        return self.offset + self.query
+
+
+def induction_pairs(batch: int = 8, seg_len: int = 10, query: int | None = None, seed: int = 0,
+                    vocab: torch.Tensor | None = None, bos: int | None = 0) -> InductionPairs:
+    """``batch`` clean/corrupted pairs of length ``seg_len + query + 1`` (plus 1 with ``bos``); see
+    :class:`InductionPairs`.
+
+    ``query`` (default ``seg_len - 2``) is the index in ``A`` of the final token; it must leave a next word.
+    ``vocab`` (``[n]`` token ids, default the zoo words) is what segments are drawn from, so any model's
+    vocabulary works; ``bos`` (``None`` for none) starts every sequence.
+    """
+    query = seg_len - 2 if query is None else query
+    vocab = torch.arange(N_WORDS) + FIRST_WORD_ID if vocab is None else torch.as_tensor(vocab).reshape(-1)
+    if not 0 <= query <= seg_len - 2:
+        raise ValueError(f"induction_pairs: query must be in [0, {seg_len - 2}] for seg_len={seg_len}, got {query}")
+    if seg_len + 1 > len(vocab):
+        raise ValueError(f"induction_pairs: seg_len must be < {len(vocab)} (the vocabulary size), got {seg_len}")
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.tensor([] if bos is None else [bos], dtype=torch.long)
+    off = len(start)
+    clean, corrupted, answer, wrong = [], [], [], []
+    for _ in range(batch):
+        words = vocab[torch.randperm(len(vocab), generator=gen)[: seg_len + 1]].long()
+        seg, other = words[:seg_len], words[seg_len]
+        row = torch.cat([start, seg, seg[: query + 1]])
+        bad = row.clone()
+        bad[off + query] = other
+        clean.append(row)
+        corrupted.append(bad)
+        answer.append(seg[query + 1])
+        wrong.append(other)
+    return InductionPairs(torch.stack(clean), torch.stack(corrupted), torch.stack(answer), torch.stack(wrong),
+                          seg_len, query, off)

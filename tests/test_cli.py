@@ -1,0 +1,83 @@
+"""The ``omnilens`` console script: ``omnilens patch`` with no arguments runs the main job on the embedded
+induction model in a subprocess, writes its heatmaps and results, and prints the induction heads on top."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from omnilens.cli import main
+from omnilens.patching import PatchingResult
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    code = "import sys; from omnilens.cli import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_patch_main_job(tmp_path):
+    proc = _run(["patch"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "omnilens_out"
+    for stem in ("exact_resid", "atp_resid", "exact_heads", "atp_heads"):
+        assert (out / f"{stem}.html").stat().st_size > 10_000
+        res = PatchingResult.load(out / f"{stem}.safetensors")
+        assert res.provenance["name_or_path"].endswith("induction")
+    assert (out / "dla_heads.html").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    top_exact = summary["results"]["exact_heads"][0]["component"]
+    top_atp = summary["results"]["atp_heads"][0]["component"]
+    assert top_exact == top_atp and top_exact.startswith("L1.H")
+    assert f"    {top_exact}" in proc.stdout  # printed with its score
+    assert summary["clean"] - summary["corrupted"] > 3.0
+    assert "wrote" in proc.stdout and "omnilens_out" in proc.stdout
+
+
+def test_unknown_model_lists_the_zoo(tmp_path, capsys):
+    assert main(["patch", "--model", "no-such-model", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in err and "zoo models: induction, mood" in err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_unknown_model_subprocess_exit_status(tmp_path):
+    proc = _run(["patch", "--model", "nope"], tmp_path)
+    assert proc.returncode == 2
+    assert "zoo models: induction, mood" in proc.stderr
+    assert not (tmp_path / "omnilens_out").exists()
+
+
+def test_unknown_sweep(tmp_path, capsys):
+    assert main(["patch", "--sweep", "resid,bogus", "--out", str(tmp_path)]) == 2
+    assert "unknown sweep(s) ['bogus']" in capsys.readouterr().err
+
+
+def test_patch_options(tmp_path, capsys):
+    """A zoo model by folder path, one sweep, one method, another metric, a chosen output folder."""
+    from omnilens import zoo
+
+    out = tmp_path / "res"
+    code = main(["patch", "--model", str(zoo.path("induction")), "--sweep", "heads", "--method", "exact",
+                 "--metric", "log_prob", "--out", str(out), "--batch", "4", "--no-progress"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["exact_heads.html", "exact_heads.safetensors", "summary.json"]
+    res = PatchingResult.load(out / "exact_heads.safetensors")
+    assert res.metric == "log_prob" and res.axes == ("layer", "head") and res.shape == (2, 4)
+    assert "exact heads" in capsys.readouterr().out
+
+
+def test_zoo_command(capsys):
+    assert main(["zoo"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["induction", "mood"]

@@ -1,0 +1,168 @@
+"""`omnilens.load` (in memory and from a saved folder), the `Lens` entry points and `lens.hooks`."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TEXTS, hook_counts, make_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import omnilens
+from omnilens.hookpoints import HookPoint
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_load_from_saved_folder_matches_in_memory(tmp_path, tokenizer, batch, kind):
+    model = make_model(kind)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    lens = omnilens.load(tmp_path)
+    assert type(lens.model) is type(model) and lens.tokenizer is not None
+    assert torch.equal(lens.to_tokens(TEXTS), batch["input_ids"])
+    with torch.no_grad():
+        expected = model(**batch).logits
+    logits, cache = lens.run_with_cache(TEXTS, names="blocks.0.hook_resid_post")
+    assert torch.equal(logits, expected)
+    assert torch.equal(omnilens.load(model, tokenizer=tokenizer).run_with_hooks(TEXTS, hooks=[]), expected)
+
+
+def _gpt2():
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=32))
+
+
+def _llama():
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                        hidden_size=16, intermediate_size=32, vocab_size=50))
+
+
+@pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_unsupported_architecture_lists_supported_ones(tmp_path, make):
+    model = make()
+    with pytest.raises(omnilens.UnsupportedModelError) as err:
+        omnilens.load(model)
+    assert type(model).__name__ in str(err.value)
+    assert "Qwen3ForCausalLM" in str(err.value) and "Qwen3MoeForCausalLM" in str(err.value)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(omnilens.UnsupportedModelError) as err:
+        omnilens.load(tmp_path)
+    assert type(model).__name__ in str(err.value) and "Qwen3ForCausalLM" in str(err.value)
+
+
+def test_run_with_cache_positions_devices_and_steps(lens, batch):
+    _, full = lens.run_with_cache(batch, names=["blocks.0.hook_resid_post", "blocks.0.attn.hook_pattern"])
+    _, last = lens.run_with_cache(batch, names=["blocks.0.hook_resid_post", "blocks.0.attn.hook_pattern"], pos=-1)
+    assert torch.equal(last["blocks.0.hook_resid_post"], full["blocks.0.hook_resid_post"][:, -1:])
+    assert torch.equal(last["blocks.0.attn.hook_pattern"], full["blocks.0.attn.hook_pattern"][:, :, -1:])
+    # (every run here reads the pattern, so all run the same eager attention)
+    _, some = lens.run_with_cache(batch, names=["blocks.0.hook_resid_post", "blocks.0.attn.hook_pattern"], pos=[0, 2])
+    assert torch.equal(some["blocks.0.hook_resid_post"], full["blocks.0.hook_resid_post"][:, [0, 2]])
+    assert full["blocks.0.hook_resid_post"].device.type == "cpu"
+    assert list(full) == ["blocks.0.attn.hook_pattern", "blocks.0.hook_resid_post"]  # forward order
+    assert full.steps("blocks.0.hook_resid_post")[0] is full["blocks.0.hook_resid_post"]
+    stacked = lens.run_with_cache(batch, names="blocks.*.hook_resid_post")[1].stack("blocks.*.hook_resid_post")
+    assert stacked.shape == (2, *full["blocks.0.hook_resid_post"].shape)
+    with pytest.raises(KeyError, match="not cached"):
+        full["blocks.1.hook_resid_post"]
+    with pytest.raises(KeyError, match="closest"):
+        full["blocks.0.hook_resid_postt"]
+
+
+def test_cached_values_are_not_changed_by_later_in_place_writes(lens, batch):
+    """A read taken before an in-place write downstream keeps the value it had when read."""
+    def zero(x, site):
+        x.zero_()
+        return x
+
+    _, cache = lens.run_with_cache(batch, names=["hook_embed", "blocks.0.hook_resid_pre"],
+                                   hooks=[("blocks.0.hook_resid_pre", zero)])
+    assert cache["hook_embed"].abs().sum() > 0
+    assert torch.equal(cache["blocks.0.hook_resid_pre"], torch.zeros_like(cache["hook_embed"]))
+
+
+def test_hooks_context_is_active_for_forwards_and_generate_and_removed_after(lens, batch):
+    model = lens.model
+    d_head = lens.config.head_dim
+
+    def zero_head_0(z, site):
+        z = z.clone()
+        z[:, :, 0] = 0
+        return z
+
+    def by_hand(module, args):
+        x = args[0].clone()
+        x[..., :d_head] = 0
+        return (x,)
+
+    with torch.no_grad():
+        plain = model(**batch).logits
+    handle = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(by_hand)
+    model.set_attn_implementation("eager")  # the context reads the pattern, so it runs eager attention
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.set_attn_implementation("sdpa")
+    handle.remove()
+    ids = batch["input_ids"][:1, :4]
+    with lens.hooks(hooks=[("blocks.0.attn.hook_z", zero_head_0)],
+                    cache=["blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"]) as cache:
+        with torch.no_grad():
+            assert torch.equal(model(**batch).logits, expected)
+            assert torch.equal(model(**batch).logits, expected)  # still active for a second forward
+        assert hook_counts(model) > 0 and model.config._attn_implementation == "eager"
+        generated = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        n_visits = len(cache.steps("blocks.1.hook_resid_post"))
+    assert n_visits == 2 + 3  # two forwards, then the prompt and two new tokens
+    patterns = cache.steps("blocks.0.attn.hook_pattern")
+    assert patterns[2].shape[-2:] == (4, 4) and patterns[3].shape[-2:] == (1, 5)  # prefill, then one step
+    assert generated.shape == (1, 7)
+    assert hook_counts(model) == 0
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(isinstance(m, HookPoint) for m in model.modules())
+    assert "eager" not in ALL_ATTENTION_FUNCTIONS
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, plain)
+
+
+def test_hooks_context_cleans_up_when_the_block_raises(lens, batch):
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with lens.hooks(hooks=[("blocks.0.attn.hook_pattern", lambda x, site: x)]):
+            assert lens.model.config._attn_implementation == "eager"
+            raise RuntimeError("inside the block")
+    assert hook_counts(lens.model) == 0 and lens.model.config._attn_implementation == "sdpa"
+    assert not any(isinstance(m, HookPoint) for m in lens.model.modules())
+    assert "eager" not in ALL_ATTENTION_FUNCTIONS
+
+
+def test_a_previously_registered_eager_attention_survives_a_pattern_run(lens, batch):
+    from transformers.models.qwen3.modeling_qwen3 import eager_attention_forward
+
+    ALL_ATTENTION_FUNCTIONS["eager"] = eager_attention_forward
+    try:
+        with pytest.raises(omnilens.HookError):
+            lens.run_with_hooks(batch, hooks=[("blocks.0.attn.hook_pattern", lambda x, site: x[0])])
+        lens.run_with_cache(batch, names="blocks.0.attn.hook_pattern")
+        assert ALL_ATTENTION_FUNCTIONS["eager"] is eager_attention_forward
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["eager"]
+
+
+def test_text_inputs_and_tokens(lens, tokenizer, batch):
+    lens.tokenizer = tokenizer
+    assert torch.equal(lens.to_tokens(TEXTS), batch["input_ids"])
+    assert lens.to_str_tokens("a red bird") == ["a", "red", "bird"]
+    with torch.no_grad():
+        expected = lens.model(**batch).logits
+    assert torch.equal(lens.run_with_hooks(TEXTS, hooks=[]), expected)
+    assert torch.equal(lens.run_with_hooks(batch["input_ids"][0], hooks=[]), lens.run_with_hooks(
+        batch["input_ids"][:1], hooks=[]))
+    with pytest.raises(TypeError, match="integer"):
+        lens.run_with_hooks(batch["input_ids"].float(), hooks=[])
+
+
+def test_quickstart_tutorial_runs(capsys):
+    runpy.run_path(str(Path(__file__).parents[1] / "tutorials" / "01_quickstart.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "HookError: at site 'blocks.0.attn.hook_v'" in out and "visits during generate: 3" in out

@@ -1,0 +1,56 @@
+"""Shared pieces of the zoo training scripts: a seeded tiny Qwen3, an AdamW loop, saving to the zoo folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+ZOO_WEIGHTS = Path(__file__).resolve().parent.parent / "omnilens" / "zoo" / "weights"
+
+
+def qwen3(vocab_size: int, seed: int, **cfg) -> Qwen3ForCausalLM:
+    """A freshly initialised ``Qwen3ForCausalLM`` (seeded) with bos/pad = 0 and eos = 1."""
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=vocab_size, pad_token_id=0, bos_token_id=0, eos_token_id=1,
+                         tie_word_embeddings=False, rms_norm_eps=1e-6, **cfg)
+    return Qwen3ForCausalLM(config)
+
+
+def train(model: Qwen3ForCausalLM, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]], steps: int,
+          lr: float, warmup: int = 100, weight_decay: float = 0.01, log_every: int = 100) -> None:
+    """AdamW with linear warm-up and cosine decay. ``batches(step)`` returns ``(input_ids, labels)``
+    (labels ``-100`` where no loss is taken; shifted inside the model)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    t0 = time.time()
+    for step in range(steps):
+        ids, labels = batches(step)
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == steps - 1:
+            print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:6.1f}s", flush=True)
+    model.eval()
+
+
+def save(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, name: str, card: dict) -> Path:
+    """Write ``model.safetensors``, ``config.json``, the tokenizer and ``zoo.json`` (training facts) to the zoo."""
+    out = ZOO_WEIGHTS / name
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "zoo.json").write_text(json.dumps(card, indent=2) + "\n")
+    print(f"saved {name} to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.2f} MB)")
+    return out
