@@ -196,12 +196,13 @@ def _model_inputs(lens, inputs: Any, a: int, b: int) -> dict[str, Any]:
     return lens.to_inputs(list(chunk) if not isinstance(chunk, torch.Tensor) else chunk)
 
 
-def _mask(kw: Mapping[str, Any], batch: int, n_pos: int) -> torch.Tensor:
+def _mask(kw: Mapping[str, Any], site: str, batch: int, n_pos: int) -> torch.Tensor:
     m = kw.get("attention_mask")
     if m is None:
         return torch.ones(batch, n_pos, dtype=torch.bool)
     if m.dim() != 2 or tuple(m.shape) != (batch, n_pos):
-        raise ValueError(f"attention_mask must be [batch pos] = {(batch, n_pos)}, got {tuple(m.shape)}")
+        raise ValueError(f"site {site!r} is [batch pos] = {(batch, n_pos)} but the attention_mask is "
+                         f"{tuple(m.shape)}; pooling needs one mask entry per position")
     return m.bool().cpu()
 
 
@@ -242,15 +243,18 @@ def _run_batch(lens, inputs, a, b, site_names, pools, dtype) -> dict[str, torch.
         if bi is None or pi is None:
             raise ValueError(f"site {name!r} has axes [{spec.axes}]; pooling needs 'batch' and 'pos' axes")
         value = value.movedim((bi, pi), (0, 1))
+        if value.shape[0] != b - a:
+            raise ValueError(f"examples {a}..{b - 1} gave a batch of {value.shape[0]} at site {name!r}; "
+                             "each dict input must hold exactly one example (batch axis of 1)")
         if mask is None:
-            mask = _mask(kw, value.shape[0], value.shape[1])
+            mask = _mask(kw, name, value.shape[0], value.shape[1])
             for pname, p in pools.items():
                 if p.kind == "span":
                     span_of[pname] = _resolve_spans(p, kw, mask, a)
                     out[f"__spans__|{pname}"] = span_of[pname]
         for pname, p in pools.items():
-            pooled, lengths = pool(value, mask, p, span_of.get(pname))
-            out[f"{name}|{pname}"] = pooled.to("cpu", dtype).contiguous()
+            pooled, lengths = pool(value.to(dtype), mask, p, span_of.get(pname))
+            out[f"{name}|{pname}"] = pooled.cpu().contiguous()
             if lengths is not None:
                 out[f"__lengths__|{pname}"] = lengths.cpu()
     return out
@@ -307,12 +311,14 @@ def _prepare(lens, inputs, sites, pooling, labels):
     n = _n_examples(inputs)
     if n == 0:
         raise ValueError("inputs are empty")
-    if labels is not None and len(labels) != n:
-        raise ValueError(f"got {len(labels)} labels for {n} inputs")
+    if labels is not None:
+        if len(labels) != n:
+            raise ValueError(f"got {len(labels)} labels for {n} inputs")
+        labels = [x.item() if hasattr(x, "item") else x for x in labels]  # numpy / torch scalars -> JSON
     for pname, p in pools.items():
         if p.kind == "span" and not callable(p.spans) and len(p.spans) != n:
             raise ValueError(f"pooling {pname!r}: got {len(p.spans)} spans for {n} inputs")
-    return names, pools, n
+    return names, pools, n, labels
 
 
 def _iter_batches(lens, inputs, names, pools, batch_size, dtype, start, progress, desc,
@@ -346,7 +352,7 @@ def collect(
     ``pooling`` is one pooling or a mapping ``name -> pooling`` (several poolings from one forward).
     Values are stored as ``dtype`` on the CPU.
     """
-    names, pools, _ = _prepare(lens, inputs, sites, pooling, labels)
+    names, pools, _, labels = _prepare(lens, inputs, sites, pooling, labels)
     parts = [t for _, _, t in _iter_batches(lens, inputs, names, pools, batch_size, dtype, 0, progress, "activations")]
     return _assemble(parts, _site_info(lens, names), {k: p.describe() for k, p in pools.items()},
                      list(labels) if labels is not None else None, provenance(lens))
@@ -365,7 +371,7 @@ def stream(
     ``max_batches`` stops after that many new shards (the manifest stays incomplete);
     ``on_batch(i)`` is called after shard ``i`` is on disk. Read the result with :func:`load`.
     """
-    names, pools, n = _prepare(lens, inputs, sites, pooling, labels)
+    names, pools, n, labels = _prepare(lens, inputs, sites, pooling, labels)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {
@@ -411,6 +417,9 @@ def load(out_dir: str | os.PathLike, sites: Sequence[str] | None = None) -> Acti
         raise ValueError(f"{path}: format {m.get('format')!r}, expected {FORMAT!r}")
     if not m["complete"]:
         raise ValueError(f"{path}: the run is incomplete ({len(m['shards'])} shards); call stream(...) again to resume")
+    unknown = [s for s in sites or [] if s not in m["sites"]]
+    if unknown:
+        raise KeyError(f"sites {unknown} are not in {out_dir}; sites: {', '.join(m['sites'])}")
     keep = m["sites"] if sites is None else {s: m["sites"][s] for s in sites}
     parts = []
     for shard in m["shards"]:

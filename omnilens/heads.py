@@ -145,18 +145,19 @@ def diff_of_means_selectivity(
 
 
 def head_selectivity(
-    ds: ActivationDataset, positive: Any, negative: Any = None, *, sites: str = "hook_z", pool: str | None = None,
+    ds: ActivationDataset, positive: Any, negative: Any = None, *, site: str = "hook_z", pool: str | None = None,
 ) -> HeadScores:
-    """Diff-of-means selectivity per head from the ``hook_z`` sites of a labelled dataset.
+    """Diff-of-means selectivity per head from the ``site`` (leaf name, default ``hook_z``) sites of a
+    labelled dataset, values ``[example head d_head]``.
 
     Examples labelled ``positive`` form the positive set; ``negative`` (a label, or ``None`` for every
     other example) the negative set.
     """
     if ds.labels is None:
         raise ValueError("head_selectivity needs a labelled dataset (labels= in collect/stream)")
-    names = ds.site_names(site=sites)
+    names = ds.site_names(site=site)
     if not names:
-        raise KeyError(f"the dataset has no {sites} sites; sites: {', '.join(ds.sites)}")
+        raise KeyError(f"the dataset has no {site} sites; sites: {', '.join(ds.sites)}")
     labels = list(ds.labels)
     is_pos = torch.tensor([lab == positive for lab in labels])
     is_neg = ~is_pos if negative is None else torch.tensor([lab == negative for lab in labels])

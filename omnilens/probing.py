@@ -67,6 +67,14 @@ class ProbeResult:
         return w / w.norm()
 
 
+    def predict(self, x: Float[torch.Tensor, "example d"]) -> list[Any]:
+        """Predicted class per example from the refit weights (``x`` in the site's basis, extra axes flattened)."""
+        scores = x.reshape(x.shape[0], -1).to(self.coef) @ self.coef.T + self.intercept
+        if len(self.classes) == 2:
+            return [self.classes[int(s > 0)] for s in scores[:, 0]]
+        return [self.classes[int(i)] for i in scores.argmax(1)]
+
+
 def fit_probe(
     x: Float[torch.Tensor, "example d"], y: Sequence[Any], *, folds: int = 5, C: float = 1.0, seed: int = 0,
     standardize: bool = False, max_iter: int = 2000,
@@ -232,7 +240,7 @@ class HeadProbes:
         out = {}
         for (site, h), v in self.directions(k, label, heads).items():
             w = head_out_weight(lens, site, h)
-            u = (w @ v.to(w.dtype)).float().cpu()
+            u = (w @ v.to(w.device, w.dtype)).float().cpu()
             if not u.norm() > 0:
                 raise ValueError(f"{site!r} head {h}: W_O maps the probe direction to zero; no residual direction")
             out[(site, h)] = u / u.norm()

@@ -44,7 +44,8 @@ def heatmap(result, *, title: str | None = None, zmax: float | None = None, raw:
     site = result.sites[0] if result.sites else ""
     default = f"{result.method} ({result.direction}) · {result.metric} · {site}{' …' if len(result.sites) > 1 else ''}"
     fig.update_layout(title=title or default, xaxis_title=x_axis, yaxis_title=".".join(y_axes) or "",
-                      yaxis={"autorange": "reversed"}, template="plotly_white")
+                      xaxis={"type": "category"}, yaxis={"type": "category", "autorange": "reversed"},
+                      template="plotly_white")
     return fig
 
 

@@ -55,4 +55,10 @@ def lens(request, tokenizer) -> omnilens.Lens:
 
 def hook_counts(model: torch.nn.Module) -> int:
     """Number of forward hooks and pre-hooks left on any module of ``model``."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    return len(hooks_on(model))
+
+
+def hooks_on(model: torch.nn.Module) -> set[tuple[str, str, int]]:
+    """Every forward hook and pre-hook on ``model``'s modules, as ``(module, kind, handle id)``."""
+    return {(name, kind, key) for name, m in model.named_modules()
+            for kind, hooks in (("hook", m._forward_hooks), ("pre", m._forward_pre_hooks)) for key in hooks}

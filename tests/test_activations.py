@@ -55,11 +55,11 @@ def test_pooling_with_padding_equals_unpadded_single_runs(model, side):
     assert (kw["attention_mask"][:, pad_col] == 0).any()
     for site in SITES:
         ref = single_runs(lens, TEXTS, site)
-        torch.testing.assert_close(ds[site, "last"], torch.stack([r[-1] for r in ref]), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(ds[site, "mean"], torch.stack([r.mean(0) for r in ref]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ds[site, "last"], torch.stack([r[-1] for r in ref]), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ds[site, "mean"], torch.stack([r.mean(0) for r in ref]), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(ds[site, "span"], torch.stack([r[s:e].mean(0) for r, (s, e) in zip(ref, spans)]),
-                                   atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(ds[site, "all"], torch.cat(ref), atol=1e-5, rtol=1e-5)
+                                   atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ds[site, "all"], torch.cat(ref), atol=1e-6, rtol=1e-5)
     assert ds.lengths["all"].tolist() == [len(r) for r in ref]
     assert ds.sites["blocks.1.attn.hook_z"]["layer"] == 1
     assert ds.sites["blocks.1.attn.hook_z"]["axes"] == "batch pos head d_head"
@@ -84,13 +84,14 @@ def test_dict_inputs_and_token_span(model):
 def test_stream_equals_collect_and_resume_gives_same_files(model, tmp_path):
     lens = make_lens(model, "left")
     labels = [i % 2 for i in range(len(TEXTS))]
+    labels[0] = torch.tensor(0)  # scalars of tensors / numpy are stored as plain JSON numbers
     pools = {"last": "last", "mean": "mean"}
     mem = act.collect(lens, TEXTS, SITES, pools, labels=labels, batch_size=2)
     full = act.stream(lens, TEXTS, SITES, tmp_path / "full", pools, labels=labels, batch_size=2, progress=False)
     ds = act.load(full)
     for key, value in mem.data.items():
         assert torch.equal(ds.data[key], value), key
-    assert ds.labels == labels and len(ds) == len(TEXTS)
+    assert ds.labels == [i % 2 for i in range(len(TEXTS))] and len(ds) == len(TEXTS)
 
     class Interrupt(Exception):
         pass
@@ -113,6 +114,11 @@ def test_stream_equals_collect_and_resume_gives_same_files(model, tmp_path):
     for name in names:
         assert (part / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
 
+    sub = act.load(part, sites=["blocks.1.attn.hook_z"])
+    assert list(sub.sites) == ["blocks.1.attn.hook_z"] and torch.equal(sub["blocks.1.attn.hook_z", "mean"],
+                                                                       mem["blocks.1.attn.hook_z", "mean"])
+    with pytest.raises(KeyError, match="not in"):
+        act.load(part, sites=["blocks.0.hook_mlp_out"])
     m = json.loads((part / "manifest.json").read_text())
     assert m["provenance"]["model_class"] == "Qwen3ForCausalLM"
     assert m["provenance"]["padding_side"] == "left"
@@ -136,3 +142,6 @@ def test_bad_inputs_raise_clear_errors(model):
         act.collect(lens, TEXTS, SITES, "max")
     with pytest.raises(KeyError, match="closest valid names"):
         act.collect(lens, TEXTS, "blocks.0.hook_resid_pots")
+    two = dict(lens.tokenizer(TEXTS[:2], return_tensors="pt", padding=True))
+    with pytest.raises(ValueError, match="gave a batch of 2 .* exactly one example"):
+        act.collect(lens, [two], SITES)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEXTS, hook_counts, make_model
+from conftest import TEXTS, hook_counts, hooks_on, make_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -166,3 +166,27 @@ def test_quickstart_tutorial_runs(capsys):
     runpy.run_path(str(Path(__file__).parents[1] / "tutorials" / "01_quickstart.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "HookError: at site 'blocks.0.attn.hook_v'" in out and "visits during generate: 3" in out
+
+
+def test_hf_hidden_states_see_writes_on_every_call(lens, batch):
+    """HF records hidden states with its own hooks, installed lazily: ours must run first, every call."""
+    vec = torch.ones(lens.config.hidden_size)
+    with torch.no_grad():
+        plain = lens.model(**batch, output_hidden_states=True).hidden_states[1]
+    hf_recorders = hooks_on(lens.model)  # HF keeps its recorders once installed
+    for _ in range(2):
+        with lens.hooks(hooks=[("blocks.0.hook_resid_post", lambda x, site: x + vec)]):
+            with torch.no_grad():
+                edited = lens.model(**batch, output_hidden_states=True).hidden_states[1]
+        assert torch.equal(edited, plain + vec)
+    assert hooks_on(lens.model) == hf_recorders
+
+
+def test_a_glob_hook_gets_each_site_spec(lens, batch):
+    seen = []
+
+    def record(z, site):
+        seen.append((site.name, site.layer, site.axes))
+
+    lens.run_with_hooks(batch, hooks=[("blocks.*.attn.hook_z", record)])
+    assert seen == [(f"blocks.{i}.attn.hook_z", i, "batch pos head d_head") for i in range(2)]

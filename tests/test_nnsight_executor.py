@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import omnilens
 from omnilens import HookError, Read, Write
@@ -206,3 +208,27 @@ def test_bad_options_are_refused(qwen3_lens):
         NNsightExecutor(qwen3_lens.adapter, remote="local")
     with pytest.raises(KeyError, match="hook_resid_pots"):
         _run(qwen3_lens, qwen3_lens.executor("nnsight"), [Read("blocks.0.hook_resid_pots")])
+
+
+@settings(max_examples=6, deadline=None)
+@given(n_layers=st.integers(1, 3), n_kv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 3]),
+       d_head=st.sampled_from([8, 16]), seed=st.integers(0, 1000))
+def test_parity_over_random_configs(n_layers, n_kv, group, d_head, seed):
+    n_heads = n_kv * group
+    model = tiny_qwen3(seed=seed, num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv,
+                       head_dim=d_head, hidden_size=32)
+    lens = omnilens.load(model, tokenizer=tiny_tokenizer())
+    names = lens.graph.names(include_opt_in=True)
+    head = n_heads - 1
+
+    def zero_last_head(z, spec):
+        z = z.clone()
+        z[:, :, head] = 0
+        return z
+
+    hooks = [(f"blocks.{n_layers - 1}.attn.hook_z", zero_last_head)]
+    ref_logits, ref = lens.run_with_cache(TEXT, names=names, hooks=hooks)
+    logits, cache = lens.run_with_cache(TEXT, names=names, hooks=hooks, executor="nnsight")
+    assert torch.equal(logits, ref_logits)
+    for name in names:
+        assert torch.equal(cache[name], ref[name]), name

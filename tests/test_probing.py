@@ -177,3 +177,34 @@ def test_probe_errors(planted):
     all_ds = act.collect(lens, ["the cat", "the dog"], "hook_embed", "all", labels=[0, 1])
     with pytest.raises(ValueError, match="keeps every token"):
         probing.probe_sweep(all_ds)
+
+
+@pytest.mark.slow
+def test_mood_zoo_sweep_peaks_in_the_middle_and_generalises():
+    """The zoo's ``mood`` model: happy/sad at the last prompt token peaks at a middle block, >= 0.95 held out."""
+    zoo = pytest.importorskip("omnilens.zoo")
+    if "mood" not in zoo.names():
+        pytest.skip("the mood zoo model is not shipped")
+    from omnilens.zoo import mood
+
+    lens = zoo.load("mood")
+    moods = ("happy", "sad")
+    train = mood.sentences(300, moods=moods, split="train", seed=1)
+    held = mood.sentences(300, moods=moods, split="heldout", seed=2)  # unseen subject/cue/topic combinations
+    sites = "blocks.*.hook_resid_post"
+
+    def dataset(sents):
+        ids = mood.encode(sents, lens.tokenizer, with_continuation=False)
+        return act.collect(lens, ids, sites, "last", labels=[s.mood for s in sents], batch_size=100)
+
+    ds, dh = dataset(train), dataset(held)
+    sweep = probing.probe_sweep(ds)
+    n_layers = lens.config.num_hidden_layers
+    assert sweep.layers == list(range(n_layers))
+    middle = range(1, n_layers - 1)
+    cv = sweep.accuracy[:, 0].tolist()
+    # the peak is reached at a middle block (a plateau that includes one counts: the model may saturate)
+    assert max(cv[i] for i in middle) == max(cv) >= 0.95, cv
+    held_acc = [sum(p == y for p, y in zip(sweep.results[(s, "last")].predict(dh[s]), dh.labels)) / len(dh)
+                for s in sweep.sites]
+    assert max(held_acc[i] for i in middle) == max(held_acc) >= 0.95, held_acc

@@ -314,20 +314,26 @@ def test_attention_points_are_removed_and_sdpa_restored(lens, batch):
 def qwen3_configs(draw):
     n_kv = draw(st.sampled_from([1, 2]))
     n_heads = n_kv * draw(st.sampled_from([1, 2, 3]))
+    n_layers = draw(st.integers(1, 3))
     return dict(num_attention_heads=n_heads, num_key_value_heads=n_kv,
-                head_dim=draw(st.sampled_from([4, 8, 12])), num_hidden_layers=draw(st.integers(1, 3)),
+                head_dim=draw(st.sampled_from([4, 8, 12])), num_hidden_layers=n_layers,
                 hidden_size=draw(st.sampled_from([16, 24])), intermediate_size=32,
-                seed=draw(st.integers(0, 1000)))
+                seed=draw(st.integers(0, 1000)),
+                mlp_only_layers=draw(st.lists(st.integers(0, n_layers - 1), max_size=1)))  # MoE: dense layers
 
 
 @settings(max_examples=16, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cfg=qwen3_configs(), kind=st.sampled_from(MODEL_KINDS))
 def test_parity_and_identity_over_random_configs(cfg, kind, batch):
     extra = dict(moe_intermediate_size=16) if kind == "moe" else {}
-    lens = omnilens.load(make_model(kind, **cfg, **extra))
+    model = make_model(kind, **cfg, **extra)
+    lens = omnilens.load(model)
     graph = lens.graph
     assert graph["blocks.0.attn.hook_z"].axes == "batch pos head d_head"
     assert graph.n_layers() == cfg["num_hidden_layers"]
+    for i, layer in enumerate(model.model.layers):  # mixed dense / MoE layers map to their own sites
+        assert (f"blocks.{i}.mlp.hook_pre" in graph) == hasattr(layer.mlp, "gate_proj")
+        assert (f"blocks.{i}.mlp.hook_router_logits" in graph) == hasattr(layer.mlp, "experts")
     assert_sites_match(lens, batch)
     with torch.no_grad():
         lens.model.set_attn_implementation("eager")
@@ -335,3 +341,64 @@ def test_parity_and_identity_over_random_configs(cfg, kind, batch):
         lens.model.set_attn_implementation("sdpa")
     hooks = [(n, lambda x, site: x.clone()) for n in graph.names(include_opt_in=True)]
     assert torch.equal(lens.run_with_hooks(batch, hooks=hooks), eager)
+
+
+def test_write_to_resid_mid_under_autograd_matches_hand_version(batch):
+    """The in-place residual write keeps backward working, also for writes whose graph saves their input."""
+    lens = omnilens.load(make_model("dense"))
+    model, layer = lens.model, lens.model.model.layers[0]
+    params = [layer.self_attn.q_proj.weight, layer.mlp.up_proj.weight, model.lm_head.weight]
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        return x / x.norm(dim=-1, keepdim=True)  # norm() saves x for backward
+
+    logits = lens.run_with_hooks(batch, hooks=[("blocks.0.hook_resid_mid", lambda x, site: unit(x))], grad=True)
+    ours = torch.autograd.grad(logits.sum(), params)
+    # by hand: attn_out' = unit(resid_pre + attn_out) - resid_pre, so that resid_mid' = unit(resid_mid)
+    seen = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, args: seen.update(resid=args[0])),
+             layer.self_attn.register_forward_hook(lambda m, a, out: (unit(seen["resid"] + out[0]) - seen["resid"],
+                                                                       *out[1:]))]
+    try:
+        expected = model(**batch).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    assert max_diff(logits, expected) <= TOL
+    for got, want in zip(ours, torch.autograd.grad(expected.sum(), params), strict=True):
+        assert max_diff(got, want) <= TOL * max(1.0, want.abs().max().item())
+
+
+def test_moe_routing_writes(batch):
+    """topk_idx / topk_weights writes re-route tokens; router_logits writes change nothing (documented)."""
+    lens = omnilens.load(make_model("moe"))
+    mlp, k = lens.model.model.layers[0].mlp, lens.config.num_experts_per_tok
+    base, cache = lens.run_with_cache(batch, names=["blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"])
+    noise = lens.run_with_hooks(batch, hooks=[("blocks.0.mlp.hook_router_logits", lambda x, site: torch.randn_like(x))])
+    assert torch.equal(noise, base)
+
+    def to_experts_2_and_3(idx, site):
+        return torch.tensor([2, 3][:k]).expand_as(idx).clone()
+
+    def equal_weights(w, site):
+        return torch.full_like(w, 1.0 / k)
+
+    _, routed = lens.run_with_cache(batch, names="blocks.0.hook_mlp_out",
+                                    hooks=[("blocks.0.mlp.hook_topk_idx", to_experts_2_and_3),
+                                           ("blocks.0.mlp.hook_topk_weights", equal_weights)])
+    x = cache["blocks.0.ln2.hook_normalized"]
+    inter = lens.config.moe_intermediate_size
+    expected = torch.zeros_like(x)
+    with torch.no_grad():
+        for e in [2, 3][:k]:
+            gu = x @ mlp.experts.gate_up_proj[e].T
+            expected += (torch.nn.functional.silu(gu[..., :inter]) * gu[..., inter:]) @ mlp.experts.down_proj[e].T / k
+    assert max_diff(routed["blocks.0.hook_mlp_out"], expected) <= TOL
+    assert max_diff(routed["blocks.0.hook_mlp_out"], cache["blocks.0.hook_mlp_out"]) > 1e-3
+
+
+def test_several_writes_on_one_site_compose_in_order(lens, batch):
+    site = "blocks.1.hook_attn_out"
+    composed = lens.run_with_hooks(batch, hooks=[(site, lambda x, s: x + 1), (site, lambda x, s: x * 2)])
+    single = lens.run_with_hooks(batch, hooks=[(site, lambda x, s: (x + 1) * 2)])
+    assert torch.equal(composed, single)

@@ -186,6 +186,19 @@ def test_thinker_moe_block_by_hand(lens, tok):
     close(cache["blocks.1.hook_resid_post"], mid + out.view(b, n, -1))
 
 
+def test_hf_recorded_hidden_states_see_writes_on_every_call(tok):
+    """Writes run before Hugging Face's output recorders, which it installs lazily on the first call that
+    records: the recorded hidden states carry the write on the first call and on later ones."""
+    lens = omnilens.load(tiny_omni_thinker(seed=3), tokenizer=tok)
+    ids = tok(["the cat is happy"], return_tensors="pt")["input_ids"]
+    vec = torch.ones(lens.config.text_config.hidden_size)
+    for _ in range(2):
+        with lens.hooks([("blocks.0.hook_resid_post", lambda x, s: x + vec)]):
+            edited = lens.model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+        plain = lens.model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+        close(edited, plain + vec)
+
+
 def test_router_sites_equal_gate_outputs(audio_run, lens):
     """``mlp.hook_router_logits|topk_weights|topk_idx`` are ``mlp.gate``'s three outputs on ``ln2``."""
     _, cache = audio_run
@@ -428,7 +441,7 @@ def test_bad_audio_inputs_raise_before_running(lens, audio_batch):
     try:
         bad = dict(audio_batch.inputs)
         bad["feature_attention_mask"] = bad["feature_attention_mask"][:, :-5]
-        with pytest.raises(HookError, match=r"'audio.hook_conv': expected feature_attention_mask of shape \(2, 150\)"):
+        with pytest.raises(HookError, match=r"'audio.hook_conv': expected feature_attention_mask of shape \(3, 150\)"):
             lens.run_with_cache(bad, names="audio.hook_out")
         short = dict(audio_batch.inputs)
         short["feature_attention_mask"] = short["feature_attention_mask"].clone()
@@ -440,7 +453,7 @@ def test_bad_audio_inputs_raise_before_running(lens, audio_batch):
             lens.run_with_cache(no_feats, names="audio.hook_out")
         mel = dict(audio_batch.inputs)
         mel["input_features"] = mel["input_features"][:, :8]
-        with pytest.raises(HookError, match=r"num_mel_bins=16\), got shape \(2, 8, 150\)"):
+        with pytest.raises(HookError, match=r"num_mel_bins=16\), got shape \(3, 8, 150\)"):
             lens.run_with_cache(mel)
     finally:
         handle.remove()

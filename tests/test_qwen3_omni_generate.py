@@ -287,7 +287,6 @@ def test_bad_generation_options_raise_before_running(lens, prompt, tok):
     assert len(text.cache.steps("blocks.0.hook_resid_post")) == 2
 
 
-@pytest.mark.slow
 def test_nnsight_generate_matches_local(lens, prompt):
     """The same Thinker edit through the nnsight executor gives the same ids, waveform and Talker input."""
     vec = steering_vector(lens)
@@ -314,3 +313,20 @@ def test_remote_simulation_round_trip_on_thinker_trace(tok, prompt):
         assert torch.equal(remote.values[n][0], local.values[n][0]), n
     plain = lens.model(**kw).logits
     assert not torch.allclose(local.values["hook_logits"][0], plain, atol=1e-4)
+
+
+def test_generate_on_a_plain_causal_lm(tok):
+    """``Lens.generate`` is generic: a Qwen3 model gets text ids and one cache entry per step."""
+    from omnilens.testing import tiny_qwen3
+
+    lens = omnilens.load(tiny_qwen3(), tokenizer=tok)
+    ids = tok(["the cat is"], return_tensors="pt")["input_ids"]
+    out = lens.generate(ids, reads="blocks.1.hook_resid_post", max_new_tokens=3)
+    ref = lens.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert torch.equal(out.ids, ref) and out.waveform is None
+    steps = out.cache.steps("blocks.1.hook_resid_post")
+    assert [s.shape[1] for s in steps] == [ids.shape[1], 1, 1]
+    assert out.cache.meta["generation"]["towers"] == {"": {"module": "", "calls": 3}}
+    with pytest.raises(ValueError, match="produces no audio"):
+        lens.generate(ids, return_audio=True)
+

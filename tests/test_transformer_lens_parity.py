@@ -8,6 +8,9 @@ Names whose meaning differs (checked below, so the mapping cannot silently drift
 - ``attn.hook_q_normed/hook_k_normed``: the bridge has them as ``[batch head pos d_head]`` (ours
   ``[batch pos head d_head]``); HookedTransformer has ``attn.q_norm.hook_normalized`` before the weight.
 - ``hook_logits``: TL's model output (bridge: ``hook_unembed``).
+- MoE layers: TL's bridge ``mlp.hook_pre``/``mlp.hook_post`` are the MoE block's input/output (omnilens
+  has no ``mlp.hook_pre`` there; use ``ln2.hook_normalized`` and ``hook_mlp_out``); our
+  ``mlp.hook_router_logits`` is the bridge's ``mlp.gate.hook_out``.
 - ``attn.hook_q/k/v`` mean the same in all three: the projection output split per (kv) head, before
   q_norm/k_norm and RoPE; ``hook_rot_q/k`` are after q_norm/k_norm and RoPE.
 """
@@ -100,4 +103,27 @@ def test_hooked_transformer_parity(saved):
             assert max_diff(ref, tl_normed * norm.weight) <= TOL
     assert max_diff(ours["ln_final.hook_normalized"], tl["ln_final.hook_normalized"] * lens.model.model.norm.weight) \
         <= TOL
+    assert max_diff(logits, tl_logits) <= TOL
+
+
+def test_transformer_bridge_parity_moe(tmp_path, tokenizer):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model = make_model("moe")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    lens = omnilens.load(model, tokenizer=tokenizer)
+    tokens = lens.to_tokens("the cat is happy and the dog is sad")
+    logits, ours = lens.run_with_cache(tokens)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), device="cpu")
+    with torch.no_grad():
+        tl_logits, tl = bridge.run_with_cache(tokens)
+    n = lens.config.num_hidden_layers
+    for site in [s for s in SAME_NAMES if not s.startswith("mlp.")]:
+        for name in shared(site, n):
+            assert max_diff(ours[name], tl[name]) <= TOL, name
+    for i in range(n):
+        assert max_diff(ours[f"blocks.{i}.mlp.hook_router_logits"], tl[f"blocks.{i}.mlp.gate.hook_out"]) <= TOL
+        assert max_diff(ours[f"blocks.{i}.ln2.hook_normalized"], tl[f"blocks.{i}.mlp.hook_pre"]) <= TOL
+        assert max_diff(ours[f"blocks.{i}.hook_mlp_out"], tl[f"blocks.{i}.mlp.hook_post"]) <= TOL
     assert max_diff(logits, tl_logits) <= TOL

@@ -38,8 +38,10 @@ def repeat_losses(model, seed: int, batch: int = 256, seg_len: int = 12) -> tupl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--name", default="induction", help="zoo folder to write (default: induction)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = qwen3(induction.vocab_size(), args.seed, **CONFIG)
@@ -49,11 +51,11 @@ def main() -> None:
         ids = induction.training_batch(64, SEQ_LEN, gen)
         return ids, ids
 
-    train(model, batches, args.steps, lr=3e-3)
+    train(model, batches, args.steps, lr=args.lr)
     first, second = repeat_losses(model, seed=12345)
     print(f"in-context loss: first occurrence {first:.3f} nats, second occurrence {second:.3f} nats")
-    save(model, induction.tokenizer(), "induction", {
-        "task": "induction", "seed": args.seed, "steps": args.steps, "command": "python -m training.train_induction",
+    save(model, induction.tokenizer(), args.name, {
+        "task": "induction", "seed": args.seed, "steps": args.steps, "lr": args.lr, "command": "python -m training.train_induction",
         "loss_first_repeat": round(first, 4), "loss_second_repeat": round(second, 4),
     })
 

@@ -257,13 +257,14 @@ class Qwen3OmniAdapter(Adapter):
                 raise HookError(site, f"input_features of shape [clip {mel} frame] (num_mel_bins={mel})",
                                 f"shape {tuple(feats.shape)}")
             if tuple(mask.shape) != (feats.shape[0], feats.shape[2]):
-                raise HookError(site, f"feature_attention_mask of shape {(feats.shape[0], feats.shape[2])} [clip frame] "
-                                f"to match input_features {tuple(feats.shape)}", f"shape {tuple(mask.shape)}")
+                want = (feats.shape[0], feats.shape[2])
+                raise HookError(site, f"feature_attention_mask of shape {want} [clip frame] to match input_features "
+                                f"{tuple(feats.shape)}", f"shape {tuple(mask.shape)}")
             n_tokens = int(feat_extract_output_lengths(mask.sum(-1), cfg.audio_config.n_window).sum())
             if n_audio_tokens is not None and n_audio_tokens != n_tokens:
                 raise HookError(site, f"{n_tokens} audio tokens (id {cfg.audio_token_id}) in input_ids for feature "
                                 f"lengths {mask.sum(-1).tolist()}", f"{n_audio_tokens}",
-                                "Build inputs with omnilens.inputs.omni_inputs.")
+                                "Build inputs with omnilens.inputs.omni.omni_inputs.")
         elif n_audio_tokens:
             raise HookError(site, f"input_features for the {n_audio_tokens} audio tokens (id {cfg.audio_token_id}) "
                             "in input_ids", "no input_features")

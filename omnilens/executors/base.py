@@ -112,8 +112,13 @@ def serve_site(spec: HookSpec, raw: Any, ctx: CallContext, reads: Sequence[Read]
     for w in writes:
         if w.steps is not None and step not in w.steps:
             continue
+        # an in-place site under autograd: the write works on a copy, so that its graph never saves the
+        # tensor that is then overwritten (backward would fail on the bumped version counter)
+        detached = spec.inplace and raw.requires_grad
+        if detached:
+            view = spec.view.view(raw.clone(), ctx)
         new = apply_write(spec, w, view)
-        if new is not view or not spec.view.aliases:  # in-place edits of a computed view too
+        if new is not view or not spec.view.aliases or detached:  # in-place edits of a computed view too
             raw = unview_into(spec, new, raw, ctx)
             changed = True
             view = spec.view.view(raw, ctx)

@@ -77,14 +77,31 @@ class LocalExecutor:
                 for (path, port), spec_list in groups.items():
                     module = self.adapter.module(path)
                     if port == "output":
-                        # prepend: run before hooks already on the module (HF's output recorders, installed
-                        # lazily on a first call), so recorded hidden states see the writes on every call
-                        handles.append(module.register_forward_hook(output_hook(spec_list), prepend=True))
+                        hook = _ours(output_hook(spec_list))
+                        handles.append(module.register_forward_hook(hook))
+                        _ahead_of_foreign(module._forward_hooks)
                     else:
-                        handles.append(module.register_forward_pre_hook(input_hook(spec_list), with_kwargs=True,
-                                                                        prepend=True))
+                        hook = _ours(input_hook(spec_list))
+                        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                        _ahead_of_foreign(module._forward_pre_hooks)
                 yield values
             finally:
                 for h in handles:
                     h.remove()
+
+
+def _ours(hook):
+    hook._omnilens = True
+    return hook
+
+
+def _ahead_of_foreign(hooks: dict) -> None:
+    """Order a module's hooks: omnilens hooks first (in registration order), then everyone else's, so that
+    hooks installed by others (Hugging Face's output recorders, installed lazily on a first call) see the
+    writes on every call."""
+    items = list(hooks.items())
+    ordered = [kv for kv in items if getattr(kv[1], "_omnilens", False)] + \
+              [kv for kv in items if not getattr(kv[1], "_omnilens", False)]
+    hooks.clear()
+    hooks.update(ordered)
 

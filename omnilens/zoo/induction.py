@@ -41,13 +41,9 @@ def _words(gen: torch.Generator, n: int, distinct: bool = False) -> torch.Tensor
     return torch.randint(0, N_WORDS, (n,), generator=gen) + FIRST_WORD_ID
 
 
-def training_batch(batch: int, seq_len: int, gen: torch.Generator) -> Int[torch.Tensor, "batch seq_len"]:
-    """Training sequences ``[batch seq_len]``: bos, a random prefix (0-8 words), a segment of 2-20 distinct
-    words, a random gap (0-4 words), the same segment again, then random words up to ``seq_len``.
-
-    Segments as short as 2 words leave the previous token as the only offset that always finds the
-    earlier occurrence, which makes layer 0 learn a previous-token head rather than a longer fixed offset.
-    """
+def repeated_segments(batch: int, seq_len: int, gen: torch.Generator) -> Int[torch.Tensor, "batch seq_len"]:
+    """``[batch seq_len]``: bos, a random prefix (0-8 words), a segment of 2-20 distinct words, a random gap
+    (0-4 words), the same segment again, then random words up to ``seq_len``."""
     out = _words(gen, batch * seq_len).view(batch, seq_len)
     out[:, 0] = 0
     for row in out:
@@ -59,6 +55,31 @@ def training_batch(batch: int, seq_len: int, gen: torch.Generator) -> Int[torch.
         end = min(second + seg_len, seq_len)
         row[second:end] = seg[: end - second]
     return out
+
+
+def bigram_walks(batch: int, seq_len: int, gen: torch.Generator, pool: int = 24, stay: float = 0.75
+                 ) -> Int[torch.Tensor, "batch seq_len"]:
+    """``[batch seq_len]``: in-context bigrams (Bietti et al. 2023). Each sequence draws ``pool`` words and a
+    random successor for each; after bos, every next word is the current word's successor with
+    probability ``stay``, else a random pool word. A word's successor is known only from its earlier
+    occurrences, at random distances, which rewards a previous-token head feeding an induction head."""
+    out = torch.zeros(batch, seq_len, dtype=torch.long)
+    for row in out:
+        words = _words(gen, pool, distinct=True)
+        succ = torch.randperm(pool, generator=gen)
+        jump = torch.rand(seq_len, generator=gen) > stay
+        rand = torch.randint(0, pool, (seq_len,), generator=gen)
+        cur = int(rand[0])
+        for t in range(1, seq_len):
+            row[t] = words[cur]
+            cur = int(rand[t]) if jump[t] else int(succ[cur])
+    return out
+
+
+def training_batch(batch: int, seq_len: int, gen: torch.Generator) -> Int[torch.Tensor, "batch seq_len"]:
+    """Training sequences ``[batch seq_len]``: half :func:`repeated_segments`, half :func:`bigram_walks`."""
+    half = batch // 2
+    return torch.cat([repeated_segments(half, seq_len, gen), bigram_walks(batch - half, seq_len, gen)])
 
 
 @dataclass(frozen=True)
