@@ -196,14 +196,13 @@ def _model_inputs(lens, inputs: Any, a: int, b: int) -> dict[str, Any]:
     return lens.to_inputs(list(chunk) if not isinstance(chunk, torch.Tensor) else chunk)
 
 
-def _mask(kw: Mapping[str, Any], site: str, batch: int, n_pos: int) -> torch.Tensor:
+def _input_mask(kw: Mapping[str, Any]) -> torch.Tensor | None:
+    """``[batch pos]`` non-pad mask from the forward kwargs (all ones without an attention mask)."""
     m = kw.get("attention_mask")
-    if m is None:
-        return torch.ones(batch, n_pos, dtype=torch.bool)
-    if m.dim() != 2 or tuple(m.shape) != (batch, n_pos):
-        raise ValueError(f"site {site!r} is [batch pos] = {(batch, n_pos)} but the attention_mask is "
-                         f"{tuple(m.shape)}; pooling needs one mask entry per position")
-    return m.bool().cpu()
+    if isinstance(m, torch.Tensor) and m.dim() == 2:
+        return m.bool().cpu()
+    ids = kw.get("input_ids")
+    return torch.ones(ids.shape[:2], dtype=torch.bool) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
 
 
 def _resolve_spans(p: Pooling, kw: Mapping[str, Any], mask: torch.Tensor, a: int) -> torch.Tensor:
@@ -227,31 +226,34 @@ def _resolve_spans(p: Pooling, kw: Mapping[str, Any], mask: torch.Tensor, a: int
 
 
 def _run_batch(lens, inputs, a, b, site_names, pools, dtype) -> dict[str, torch.Tensor]:
-    """Tensors of one batch: ``site|pool`` values, ``__lengths__|pool`` and ``__spans__|pool``."""
+    """Tensors of one batch: ``site|pool`` values, ``__lengths__|pool`` and ``__spans__|pool``.
+
+    Spans are resolved (and checked) before the forward; the mask comes from the inputs.
+    """
     kw = _model_inputs(lens, inputs, a, b)
-    res = lens.run(kw, [Read(n, to=None) for n in site_names])
+    mask = _input_mask(kw)
     out: dict[str, torch.Tensor] = {}
-    mask = None
     span_of: dict[str, torch.Tensor] = {}
+    for pname, p in pools.items():
+        if p.kind == "span":
+            if mask is None:
+                raise ValueError("span pooling needs input_ids or an attention_mask in the inputs")
+            span_of[pname] = out[f"__spans__|{pname}"] = _resolve_spans(p, kw, mask, a)
+    res = lens.run(kw, [Read(n, to=None) for n in site_names])
     for name in site_names:
         spec = lens.graph[name]
         visits = res.values[name]
         if len(visits) != 1:
             raise ValueError(f"site {name!r} fired {len(visits)} times in one forward; pooling needs one visit")
-        value = visits[0]
-        bi, pi = spec.axis("batch"), spec.axis("pos")
-        if bi is None or pi is None:
-            raise ValueError(f"site {name!r} has axes [{spec.axes}]; pooling needs 'batch' and 'pos' axes")
-        value = value.movedim((bi, pi), (0, 1))
+        value = visits[0].movedim((spec.axis("batch"), spec.axis("pos")), (0, 1))
         if value.shape[0] != b - a:
             raise ValueError(f"examples {a}..{b - 1} gave a batch of {value.shape[0]} at site {name!r}; "
                              "each dict input must hold exactly one example (batch axis of 1)")
         if mask is None:
-            mask = _mask(kw, name, value.shape[0], value.shape[1])
-            for pname, p in pools.items():
-                if p.kind == "span":
-                    span_of[pname] = _resolve_spans(p, kw, mask, a)
-                    out[f"__spans__|{pname}"] = span_of[pname]
+            mask = torch.ones(value.shape[:2], dtype=torch.bool)
+        if tuple(mask.shape) != tuple(value.shape[:2]):
+            raise ValueError(f"site {name!r} is [batch pos] = {tuple(value.shape[:2])} but the attention_mask is "
+                             f"{tuple(mask.shape)}; pooling needs one mask entry per position")
         for pname, p in pools.items():
             pooled, lengths = pool(value.to(dtype), mask, p, span_of.get(pname))
             out[f"{name}|{pname}"] = pooled.cpu().contiguous()
@@ -306,7 +308,12 @@ def fingerprint(inputs: Any) -> str:
 
 
 def _prepare(lens, inputs, sites, pooling, labels):
+    """Check everything that can be checked before any forward runs."""
     names = lens.graph.names(sites, include_opt_in=None)
+    for name in names:
+        spec = lens.graph[name]
+        if spec.axis("batch") is None or spec.axis("pos") is None:
+            raise ValueError(f"site {name!r} has axes [{spec.axes}]; pooling needs 'batch' and 'pos' axes")
     pools = _poolings(pooling)
     n = _n_examples(inputs)
     if n == 0:

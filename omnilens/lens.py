@@ -229,8 +229,8 @@ def _from_pretrained(path: str, tokenizer, processor, *, dtype, device, attn_imp
         tokenizer = _optional(lambda: transformers.AutoTokenizer.from_pretrained(path))
     if processor is None:
         processor = _optional(lambda: transformers.AutoProcessor.from_pretrained(path))
-        if processor is tokenizer or type(processor).__name__.endswith("TokenizerFast"):
-            processor = None
+        if processor is tokenizer or isinstance(processor, transformers.PreTrainedTokenizerBase):
+            processor = None  # a text-only folder: AutoProcessor falls back to a (second) tokenizer
     return model, tokenizer, processor
 
 

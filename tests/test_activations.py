@@ -132,12 +132,17 @@ def test_stream_equals_collect_and_resume_gives_same_files(model, tmp_path):
 
 def test_bad_inputs_raise_clear_errors(model):
     lens = make_lens(model, "right")
-    with pytest.raises(ValueError, match="hook_pattern.*'batch' and 'pos'"):
-        act.collect(lens, TEXTS, "blocks.0.attn.hook_pattern")
-    with pytest.raises(ValueError, match="got 2 labels for 7 inputs"):
-        act.collect(lens, TEXTS, SITES, labels=[0, 1])
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda m, args, kw: forwards.append(1), with_kwargs=True)
     with pytest.raises(ValueError, match=r"example 2: span \(0, 5\)"):
         act.collect(lens, TEXTS, SITES, act.span([(0, 1), (0, 1), (0, 5)] + [(0, 1)] * 4))
+    with pytest.raises(ValueError, match="hook_pattern.*'batch' and 'pos'"):
+        act.collect(lens, TEXTS, "blocks.0.attn.hook_pattern")
+    handle.remove()
+    assert forwards == []  # both raised before the model ran
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+    with pytest.raises(ValueError, match="got 2 labels for 7 inputs"):
+        act.collect(lens, TEXTS, SITES, labels=[0, 1])
     with pytest.raises(ValueError, match="unknown pooling 'max'"):
         act.collect(lens, TEXTS, SITES, "max")
     with pytest.raises(KeyError, match="closest valid names"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hook_counts
+from conftest import hook_counts, make_model
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import omnilens
@@ -73,8 +73,6 @@ def test_non_tensor_return_is_rejected(lens, batch, before):
 
 
 def test_router_write_with_wrong_shape(batch):
-    from conftest import make_model
-
     lens = omnilens.load(make_model("moe"))
     with torch.no_grad():
         before = lens.model(**batch).logits

@@ -66,7 +66,7 @@ def test_dla_matches_hand_computation_and_components_sum_to_logit_diff(side):
             torch.testing.assert_close(scores.per_example[:, layer, head], ref, atol=1e-6, rtol=1e-5)
     total = scores.per_example.sum((1, 2)) + sum(scores.extra.values())
     logit_diff = logits[range(4), TARGET] - logits[range(4), BASELINE]
-    torch.testing.assert_close(total, logit_diff, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(total, logit_diff, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(scores.values, scores.per_example.mean(0))
     fig = scores.figure()
     assert fig.data[0].z.shape == (2, 4)
@@ -127,7 +127,7 @@ def test_head_atp_equals_gradient_times_difference():
             grads = torch.autograd.grad(m, [deltas[i] for i in range(2)]) if need_grad else None
         for h in hs:
             h.remove()
-        return zs, grads, float(m)
+        return zs, grads, float(m.detach())
 
     z_clean, _, m_clean = z_and_grad(clean, False)
     z_corr, g_corr, m_corr = z_and_grad(corrupt, True)

@@ -22,11 +22,12 @@ def test_load_from_saved_folder_matches_in_memory(tmp_path, tokenizer, batch, ki
     tokenizer.save_pretrained(tmp_path)
     lens = omnilens.load(tmp_path)
     assert type(lens.model) is type(model) and lens.tokenizer is not None
+    assert lens.processor is None  # text-only: no processor, not a second tokenizer
     assert torch.equal(lens.to_tokens(TEXTS), batch["input_ids"])
     with torch.no_grad():
         expected = model(**batch).logits
     logits, cache = lens.run_with_cache(TEXTS, names="blocks.0.hook_resid_post")
-    assert torch.equal(logits, expected)
+    assert torch.equal(logits, expected) and cache["blocks.0.hook_resid_post"].shape == (2, 9, 64)
     assert torch.equal(omnilens.load(model, tokenizer=tokenizer).run_with_hooks(TEXTS, hooks=[]), expected)
 
 
@@ -190,3 +191,13 @@ def test_a_glob_hook_gets_each_site_spec(lens, batch):
 
     lens.run_with_hooks(batch, hooks=[("blocks.*.attn.hook_z", record)])
     assert seen == [(f"blocks.{i}.attn.hook_z", i, "batch pos head d_head") for i in range(2)]
+
+
+def test_load_options_dtype_and_attention_implementation(tmp_path, tokenizer):
+    make_model("dense").save_pretrained(tmp_path)
+    lens = omnilens.load(tmp_path, tokenizer=tokenizer, dtype=torch.float64, attn_implementation="eager")
+    assert lens.model.dtype == torch.float64 and lens.model.config._attn_implementation == "eager"
+    _, cache = lens.run_with_cache("a red bird", names=["blocks.0.attn.hook_pattern", "blocks.0.hook_resid_post"])
+    assert cache["blocks.0.hook_resid_post"].dtype == torch.float64
+    assert torch.allclose(cache["blocks.0.attn.hook_pattern"].sum(-1), torch.ones((), dtype=torch.float64))
+    assert lens.model.config._attn_implementation == "eager"  # restored to what it was, not to sdpa

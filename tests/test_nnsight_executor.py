@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import omnilens
 from omnilens import HookError, Read, Write
 from omnilens.executors.nnsight import NNsightExecutor
-from omnilens.testing import tiny_qwen3, tiny_qwen3_moe, tiny_tokenizer
+from omnilens.testing import tiny_qwen2_vl, tiny_qwen3, tiny_qwen3_moe, tiny_tokenizer
 
 TEXT = ["the cat is happy today", "a dog"]  # padded batch: right padding + attention mask
 
@@ -143,6 +143,16 @@ def test_generate_serves_every_step_and_honours_write_steps(qwen3_lens):
     assert torch.equal(got.values[post][0], plain.values[post][0])  # step 0 untouched
     assert not torch.allclose(got.values[post][1], plain.values[post][1])  # step 1 written
     _assert_clean(qwen3_lens.model)
+
+
+def test_sites_whose_module_does_not_run_yield_nothing():
+    """A text-only Qwen2-VL forward never calls the vision tower: no values, no error, as with the local executor."""
+    vl = omnilens.load(tiny_qwen2_vl(), tokenizer=tiny_tokenizer())
+    reads = [Read("vision.blocks.0.hook_resid_post"), Read("blocks.0.hook_resid_post")]
+    ref = _run(vl, vl.executor("local"), reads)
+    got = _run(vl, vl.executor("nnsight"), reads)
+    assert list(got.values) == list(ref.values) == ["blocks.0.hook_resid_post"]
+    assert torch.equal(got.values["blocks.0.hook_resid_post"][0], ref.values["blocks.0.hook_resid_post"][0])
 
 
 @pytest.mark.parametrize("fault", ["raises", "wrong_shape"])

@@ -148,16 +148,19 @@ def _trace(envoy, tasks: list[ModuleTask], inputs: dict[str, Any], call_kwargs: 
 
 
 def serve_module(task: ModuleTask, values: dict[str, list[torch.Tensor]], tracer: Any = None) -> None:
-    """Serve the sites of one module inside a trace worker: one visit, or every visit when ``tracer`` is given."""
-    if tracer is None:
-        _visit(task, values, 0)
-        return
+    """Serve the sites of one module inside a trace worker: one visit, or every visit when ``tracer`` is given.
+
+    A module the run does not call (or calls fewer times) yields fewer values, as with the local executor.
+    """
     from nnsight.intervention.interleaver import OutOfOrderError
 
     try:
-        for step in tracer.iter[:]:
-            _visit(task, values, step)
-    except OutOfOrderError:  # the run made no further visit: the open loop has ended
+        if tracer is None:
+            _visit(task, values, 0)
+        else:
+            for step in tracer.iter[:]:
+                _visit(task, values, step)
+    except OutOfOrderError:  # the run ended without (another) call of this module
         pass
 
 
