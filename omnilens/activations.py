@@ -225,6 +225,12 @@ def _resolve_spans(p: Pooling, kw: Mapping[str, Any], mask: torch.Tensor, a: int
     return torch.tensor(out, dtype=torch.long)
 
 
+def _check_batch(n: int, a: int, b: int, where: str) -> None:
+    if n != b - a:
+        raise ValueError(f"examples {a}..{b - 1} gave a batch of {n} in {where}; "
+                         "each dict input must hold exactly one example (batch axis of 1)")
+
+
 def _run_batch(lens, inputs, a, b, site_names, pools, dtype) -> dict[str, torch.Tensor]:
     """Tensors of one batch: ``site|pool`` values, ``__lengths__|pool`` and ``__spans__|pool``.
 
@@ -232,6 +238,8 @@ def _run_batch(lens, inputs, a, b, site_names, pools, dtype) -> dict[str, torch.
     """
     kw = _model_inputs(lens, inputs, a, b)
     mask = _input_mask(kw)
+    if mask is not None:
+        _check_batch(mask.shape[0], a, b, "the inputs")
     out: dict[str, torch.Tensor] = {}
     span_of: dict[str, torch.Tensor] = {}
     for pname, p in pools.items():
@@ -246,9 +254,7 @@ def _run_batch(lens, inputs, a, b, site_names, pools, dtype) -> dict[str, torch.
         if len(visits) != 1:
             raise ValueError(f"site {name!r} fired {len(visits)} times in one forward; pooling needs one visit")
         value = visits[0].movedim((spec.axis("batch"), spec.axis("pos")), (0, 1))
-        if value.shape[0] != b - a:
-            raise ValueError(f"examples {a}..{b - 1} gave a batch of {value.shape[0]} at site {name!r}; "
-                             "each dict input must hold exactly one example (batch axis of 1)")
+        _check_batch(value.shape[0], a, b, f"site {name!r}")
         if mask is None:
             mask = torch.ones(value.shape[:2], dtype=torch.bool)
         if tuple(mask.shape) != tuple(value.shape[:2]):

@@ -61,10 +61,13 @@ def _parser() -> argparse.ArgumentParser:
                         description=__doc__.split("\n\n")[2].replace("\n", " "))
     pp.add_argument("--model", default="induction",
                     help="a zoo model name (see `omnilens zoo`) or any omnilens.load-able folder (default: induction)")
+    pp.add_argument("--task", default="auto", choices=("auto", "induction", "mood"),
+                    help="clean/corrupted prompts: induction (repeated random sequences) or mood (happy vs sad cue "
+                         "words; needs the mood vocabulary); auto: the zoo model's own task, else induction")
     pp.add_argument("--sweep", default="resid,heads",
                     help=f"comma-separated sweeps: {', '.join(SWEEPS)} (default: resid,heads)")
     pp.add_argument("--metric", default="logit_diff", choices=METRICS,
-                    help="logit_diff (answer - replaced word), log_prob / prob of the answer, kl (to clean) at the last "
+                    help="logit_diff (answer - wrong token), log_prob / prob of the answer, kl (to clean) at the last "
                          "position (default: logit_diff)")
     pp.add_argument("--method", default="both", choices=list(METHODS), help="exact, atp or both (default: both)")
     pp.add_argument("--direction", default="denoise", choices=("denoise", "noise"),
@@ -98,13 +101,12 @@ def _patch(args: argparse.Namespace) -> int:
     sweeps = _sweeps(args.sweep)
     t0 = time.time()
     lens, label = _load(args.model)
-    pairs = _pairs(lens, args)
+    task, pairs, about = _task(lens, args)
     metric = _metric(args.metric, pairs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"model      {label}  ({lens.config.num_hidden_layers} layers, {lens.config.num_attention_heads} heads)")
-    print(f"task       {args.batch} repeated sequences, segment {pairs.seg_len}; corrupted: the last token's earlier "
-          f"occurrence replaced")
+    print(f"task       {task}: {about}")
     print(f"example    clean     {_text(lens, pairs.clean[0])}")
     print(f"           corrupted {_text(lens, pairs.corrupted[0])}")
     print(f"metric     {args.metric} at the last position; {args.direction}; 0 = corrupted, 1 = clean")
@@ -119,7 +121,7 @@ def _patch(args: argparse.Namespace) -> int:
     print(f"\nmetric on clean {first.clean:.4f}, on corrupted {first.corrupted:.4f}")
 
     written: list[Path] = []
-    summary: dict[str, Any] = {"model": label, "metric": args.metric, "direction": args.direction,
+    summary: dict[str, Any] = {"model": label, "task": task, "metric": args.metric, "direction": args.direction,
                                "clean": first.clean, "corrupted": first.corrupted, "results": {}}
     for (method, name), res in results.items():
         print(f"\n{method:5s} {name:9s} top {args.top}:")
@@ -152,6 +154,9 @@ def _load(model: str):
     """A lens over zoo model ``model``, or over the folder ``model``; unknown names list the zoo."""
     from omnilens import load, zoo
 
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
     if model in zoo.names():
         return zoo.load(model), f"zoo:{model}"
     if Path(model).is_dir():
@@ -170,17 +175,26 @@ def _sweeps(spec: str):
     return [(n, Sweep(SWEEPS[n][0], by=SWEEPS[n][1])) for n in dict.fromkeys(names)]
 
 
-def _pairs(lens, args):
-    """Clean/corrupted repeated sequences over the model's ordinary (non-special) tokens."""
+def _task(lens, args):
+    """``(task, pairs, description)``: the clean/corrupted prompts of ``args.task`` for ``lens``."""
+    from omnilens import zoo
+    from omnilens.zoo import mood
     from omnilens.zoo.induction import induction_pairs
 
+    task = args.task
+    if task == "auto":
+        task = zoo.card(args.model)["task"] if args.model in zoo.names() else "induction"
+    if task == "mood":
+        return task, mood.contrast_pairs(lens.tokenizer, args.batch, seed=args.seed), (
+            f"{args.batch} happy prompts; corrupted: their cue words swapped for sad ones; answer: "
+            f"{mood.ADJECTIVES['happy'][0]!r} vs {mood.ADJECTIVES['sad'][0]!r}")
     tok = lens.tokenizer
     n_vocab = lens.config.get_text_config().vocab_size
     special = set(getattr(tok, "all_special_ids", []) or [])
-    vocab = torch.tensor([i for i in range(min(n_vocab, len(tok) if tok is not None else n_vocab))
-                          if i not in special])
-    bos = getattr(tok, "bos_token_id", None)
-    return induction_pairs(args.batch, args.seg_len, seed=args.seed, vocab=vocab, bos=bos)
+    vocab = torch.tensor([i for i in range(min(n_vocab, len(tok) if tok is not None else n_vocab)) if i not in special])
+    pairs = induction_pairs(args.batch, args.seg_len, seed=args.seed, vocab=vocab, bos=getattr(tok, "bos_token_id", None))
+    return task, pairs, (f"{args.batch} repeated random sequences, segment {args.seg_len}; corrupted: the last "
+                         f"token's earlier occurrence replaced; answer: the token after it vs the replacing token")
 
 
 def _metric(name: str, pairs):
@@ -191,11 +205,11 @@ def _metric(name: str, pairs):
 
 
 def _dla(lens, pairs, out: Path, k: int, summary: dict) -> list[Path]:
-    """Rank heads by direct logit attribution (answer - replaced word) on the clean prompts."""
+    """Rank heads by direct logit attribution (answer - wrong token) on the clean prompts."""
     from omnilens.heads import direct_logit_attribution
 
     scores = direct_logit_attribution(lens, pairs.clean, pairs.answer, pairs.wrong)
-    print(f"\ndirect logit attribution (clean, answer - replaced word), top {k}:")
+    print(f"\ndirect logit attribution (clean, answer - wrong token), top {k}:")
     top = scores.top(k)
     for layer, head, value in top:
         print(f"    {_component({'layer': str(layer), 'head': str(head)}):28s} {value:+.3f}")

@@ -27,8 +27,8 @@ import torch
 from jaxtyping import Float
 from safetensors.torch import save_file
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_validate
-from sklearn.pipeline import make_pipeline
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from omnilens.activations import ActivationDataset, atomic_write
@@ -95,19 +95,22 @@ def fit_probe(
     if k < 2:
         raise ValueError(f"class {classes[counts.argmin()]!r} has {counts.min()} example(s); cross-validation needs 2")
 
-    def model():
-        scaler = StandardScaler(with_mean=standardize, with_std=standardize)
-        return make_pipeline(scaler, LogisticRegression(C=C, max_iter=max_iter))
+    def fit(rows: np.ndarray) -> tuple[StandardScaler | None, LogisticRegression]:
+        scaler = StandardScaler().fit(X[rows]) if standardize else None
+        xs = scaler.transform(X[rows]) if scaler is not None else X[rows]
+        return scaler, LogisticRegression(C=C, max_iter=max_iter).fit(xs, y[rows])
 
-    cv = cross_validate(model(), X, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
-                        scoring=("accuracy", "f1_macro"))
-    fit = model().fit(X, y)
-    scaler, lr = fit[0], fit[1]
-    coef = lr.coef_ / scaler.scale_ if standardize else lr.coef_
-    intercept = lr.intercept_ - coef @ scaler.mean_ if standardize else lr.intercept_
+    accs, f1s = [], []
+    for train, test in StratifiedKFold(k, shuffle=True, random_state=seed).split(X, y):
+        scaler, lr = fit(train)
+        pred = lr.predict(scaler.transform(X[test]) if scaler is not None else X[test])
+        accs.append(float(accuracy_score(y[test], pred)))
+        f1s.append(float(f1_score(y[test], pred, average="macro", zero_division=0)))
+    scaler, lr = fit(np.arange(len(y)))
+    coef = lr.coef_ / scaler.scale_ if scaler is not None else lr.coef_
+    intercept = lr.intercept_ - coef @ scaler.mean_ if scaler is not None else lr.intercept_
     return ProbeResult(
-        accuracy=float(cv["test_accuracy"].mean()), macro_f1=float(cv["test_f1_macro"].mean()),
-        fold_accuracy=cv["test_accuracy"].tolist(), fold_macro_f1=cv["test_f1_macro"].tolist(),
+        accuracy=float(np.mean(accs)), macro_f1=float(np.mean(f1s)), fold_accuracy=accs, fold_macro_f1=f1s,
         classes=lr.classes_.tolist(), coef=torch.from_numpy(coef).float(),
         intercept=torch.from_numpy(np.asarray(intercept)).float(),
     )

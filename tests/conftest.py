@@ -18,12 +18,15 @@ MODEL_KINDS = ("dense", "moe")
 
 
 def randomise_norms(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Give every RMSNorm weight spread around 1 (they initialise to ones), in place; returns ``model``."""
+    """Give every RMSNorm weight spread around 1 and every bias spread around 0 (they initialise to
+    ones and zeros, which would hide a missing weight or bias), in place; returns ``model``."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name and param.dim() == 1:
                 param.copy_(1 + 0.3 * torch.randn(param.shape, generator=gen))
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
     return model
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import omnilens
 from omnilens import activations as act
-from omnilens.testing import tiny_qwen3, tiny_tokenizer
+from omnilens.inputs import vision_inputs
+from omnilens.testing import tiny_qwen2_vl, tiny_qwen3, tiny_tokenizer
+from test_probing import one_thread  # noqa: F401 (autouse fixture)
 
 TEXTS = [
     "the cat is happy",
@@ -81,14 +85,37 @@ def test_dict_inputs_and_token_span(model):
     assert ds.spans["img"].tolist() == [[1, 4], [2, 4]]
 
 
-def test_stream_equals_collect_and_resume_gives_same_files(model, tmp_path):
+def test_multimodal_builder_inputs_with_image_token_spans():
+    """Qwen2-VL inputs from the vision builder (one dict per example), pooled over each image's tokens."""
+    tok = tiny_tokenizer()
+    lens = omnilens.load(tiny_qwen2_vl(), tokenizer=tok)
+    rng = np.random.RandomState(0)
+    examples = [vision_inputs(tok, [rng.randint(0, 256, (h, w, 3), dtype=np.uint8)], f"the <image> {t}",
+                              config=lens.config) for h, w, t in ((8, 8, "cat"), (16, 12, "red dog ?"))]
+    spans = [(vi.image_spans[0].start, vi.image_spans[0].stop) for vi in examples]
+    site = "blocks.1.hook_resid_post"
+    ds = act.collect(lens, examples, site, {"image": act.span(spans), "found": act.span(act.token_span(
+        lens.config.image_token_id)), "last": "last"})
+    for i, vi in enumerate(examples):
+        _, cache = lens.run_with_cache(dict(vi), names=[site])
+        torch.testing.assert_close(ds[site, "image"][i], cache[site][0, vi.image_spans[0]].mean(0))
+        torch.testing.assert_close(ds[site, "last"][i], cache[site][0, -1])
+    assert torch.equal(ds[site, "found"], ds[site, "image"])
+    assert ds.spans["image"].tolist() == [list(s) for s in spans] and spans[0][1] - spans[0][0] == 4
+
+
+def test_stream_equals_collect_and_resume_gives_same_files(model, tmp_path, capsys):
     lens = make_lens(model, "left")
     labels = [i % 2 for i in range(len(TEXTS))]
     labels[0] = torch.tensor(0)  # scalars of tensors / numpy are stored as plain JSON numbers
     pools = {"last": "last", "mean": "mean"}
     mem = act.collect(lens, TEXTS, SITES, pools, labels=labels, batch_size=2)
-    full = act.stream(lens, TEXTS, SITES, tmp_path / "full", pools, labels=labels, batch_size=2, progress=False)
+    full = act.stream(lens, TEXTS, SITES, tmp_path / "full", pools, labels=labels, batch_size=2)
+    bar = capsys.readouterr().err
+    assert "7/7" in bar and "ex/s" in bar and "<" in bar  # tqdm: count, rate, elapsed<remaining (ETA)
     ds = act.load(full)
+    shard = load_file(full / "shard_00000.safetensors")  # one batch per shard: memory bounded by a batch
+    assert {tuple(v.shape[:1]) for v in shard.values()} == {(2,)}
     for key, value in mem.data.items():
         assert torch.equal(ds.data[key], value), key
     assert ds.labels == [i % 2 for i in range(len(TEXTS))] and len(ds) == len(TEXTS)
@@ -148,5 +175,5 @@ def test_bad_inputs_raise_clear_errors(model):
     with pytest.raises(KeyError, match="closest valid names"):
         act.collect(lens, TEXTS, "blocks.0.hook_resid_pots")
     two = dict(lens.tokenizer(TEXTS[:2], return_tensors="pt", padding=True))
-    with pytest.raises(ValueError, match="gave a batch of 2 .* exactly one example"):
+    with pytest.raises(ValueError, match="gave a batch of 2 in the inputs; each dict input must hold exactly one"):
         act.collect(lens, [two], SITES)

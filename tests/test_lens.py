@@ -201,3 +201,17 @@ def test_load_options_dtype_and_attention_implementation(tmp_path, tokenizer):
     assert cache["blocks.0.hook_resid_post"].dtype == torch.float64
     assert torch.allclose(cache["blocks.0.attn.hook_pattern"].sum(-1), torch.ones((), dtype=torch.float64))
     assert lens.model.config._attn_implementation == "eager"  # restored to what it was, not to sdpa
+
+
+def test_nested_runs_keep_the_outer_attention_points(lens, batch):
+    with lens.hooks(cache="blocks.0.attn.hook_pattern") as outer:
+        _, inner = lens.run_with_cache(batch, names="blocks.*.attn.hook_pattern")
+        assert lens.model.config._attn_implementation == "eager"
+        assert isinstance(lens.model.model.layers[0].self_attn.hook_pattern, HookPoint)
+        with torch.no_grad():
+            lens.model(**batch)
+    assert len(outer.steps("blocks.0.attn.hook_pattern")) == 2  # the inner run and the plain forward
+    assert torch.equal(outer.steps("blocks.0.attn.hook_pattern")[1], inner["blocks.0.attn.hook_pattern"])
+    assert lens.model.config._attn_implementation == "sdpa" and hook_counts(lens.model) == 0
+    assert not any(isinstance(m, HookPoint) for m in lens.model.modules())
+    assert "eager" not in ALL_ATTENTION_FUNCTIONS

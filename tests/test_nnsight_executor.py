@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 import omnilens
 from omnilens import HookError, Read, Write
 from omnilens.executors.nnsight import NNsightExecutor
-from omnilens.testing import tiny_qwen2_vl, tiny_qwen3, tiny_qwen3_moe, tiny_tokenizer
+from omnilens.testing import (tiny_omni_thinker, tiny_omni_tokenizer, tiny_qwen2_vl, tiny_qwen3, tiny_qwen3_moe,
+                              tiny_tokenizer)
 
 TEXT = ["the cat is happy today", "a dog"]  # padded batch: right padding + attention mask
 
@@ -208,7 +209,24 @@ def test_remote_rejects_attention_point_sites_before_sending(qwen3_lens):
                               Read("blocks.1.attn.hook_rot_k")])
     assert "blocks.0.attn.hook_pattern" in str(err.value) and "blocks.1.attn.hook_rot_k" in str(err.value)
     assert "blocks.0.hook_resid_post" not in str(err.value)
+    assert "blocks.0.attn.hook_pattern (requires attention_points)" in str(err.value)
     _assert_clean(qwen3_lens.model)
+
+
+def test_remote_rejects_every_site_that_requires_instrumentation():
+    """Not only attention points: Omni's ``hook_deepstack`` needs a temporary hook point too; the error names
+    each site with what it requires, before anything is sent."""
+    omni = omnilens.load(tiny_omni_thinker(), tokenizer=tiny_omni_tokenizer())
+    ex = omni.executor("nnsight", remote=True)
+    required = {n: omni.graph[n].requires for n in ("blocks.0.hook_deepstack", "vision.blocks.0.attn.hook_pattern")}
+    assert required["blocks.0.hook_deepstack"] and "attention_points" not in required["blocks.0.hook_deepstack"]
+    with pytest.raises(ValueError) as err:
+        ex.run({"input_ids": torch.tensor([[1, 2, 3]])}, [Read("blocks.0.hook_resid_post"), *map(Read, required)], [])
+    for name, req in required.items():
+        assert f"{name} (requires {', '.join(sorted(req))})" in str(err.value)
+    assert "blocks.0.hook_resid_post" not in str(err.value)
+    assert ex._envoy is None  # refused before the model was even wrapped
+    _assert_clean(omni.model)
 
 
 def test_bad_options_are_refused(qwen3_lens):

@@ -22,6 +22,15 @@ FILLER = ("the a cat dog bird fish tree house car road city river sea sky sun mo
 PLANTED_HEAD = (0, 2)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls run much faster on one thread when the cores are shared (OpenMP spin-waits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def planted_lens(alpha: float = 2.0, beta: float = 1.0, seed: int = 0):
     """A tiny Qwen3 (4 heads, 4 kv heads) whose label ("happy" vs "sad") is carried by a known direction.
 
@@ -179,7 +188,6 @@ def test_probe_errors(planted):
         probing.probe_sweep(all_ds)
 
 
-@pytest.mark.slow
 def test_mood_zoo_sweep_peaks_in_the_middle_and_generalises():
     """The zoo's ``mood`` model: happy/sad at the last prompt token peaks at a middle block, >= 0.95 held out."""
     zoo = pytest.importorskip("omnilens.zoo")
@@ -208,3 +216,26 @@ def test_mood_zoo_sweep_peaks_in_the_middle_and_generalises():
     held_acc = [sum(p == y for p, y in zip(sweep.results[(s, "last")].predict(dh[s]), dh.labels)) / len(dh)
                 for s in sweep.sites]
     assert max(held_acc[i] for i in middle) == max(held_acc) >= 0.95, held_acc
+
+
+def test_probe_directions_steer_through_interventions(planted):
+    """Exported directions plug into ``AddVector``: adding the "happy" direction flips the probes on "sad"."""
+    from omnilens.interventions import AddVector, apply
+
+    lens, _, _, ds = planted
+    site, z_site = "blocks.0.hook_resid_post", "blocks.0.attn.hook_z"
+    probe = probing.fit_probe(ds[site, "mean"], ds.labels, folds=4)
+    heads = probing.head_probes(ds, z_site, pool="last", folds=4)
+    head_probe = heads.results[PLANTED_HEAD]
+    sad = [t for t, y in zip(*planted_texts()) if y == 0]
+    before = act.collect(lens, sad, [site, z_site], {"mean": "mean", "last": "last"}, batch_size=16)
+    assert set(probe.predict(before[site, "mean"])) == {0}
+    assert set(head_probe.predict(before[z_site, "last"][:, 2])) == {0}
+    happy = probing.probe_sweep(ds, site, ["mean"], folds=4).steering_directions(label=1)[site]
+    steer = [AddVector(site, happy, alpha=3.0),
+             AddVector(z_site, heads.directions(1, label=1)[(z_site, 2)], alpha=3.0, head=2)]
+    with apply(lens, steer):
+        after = act.collect(lens, sad, [site, z_site], {"mean": "mean", "last": "last"}, batch_size=16)
+    assert set(probe.predict(after[site, "mean"])) == {1}
+    assert set(head_probe.predict(after[z_site, "last"][:, 2])) == {1}
+    torch.testing.assert_close(after[z_site, "last"][:, 3], before[z_site, "last"][:, 3])  # other heads untouched

@@ -449,3 +449,24 @@ def test_bad_inputs_raise_before_the_model_runs(lens, vi):
     # mm_token_type_ids is filled in when absent
     no_types = {k: v for k, v in vi.items() if k != "mm_token_type_ids"}
     torch.testing.assert_close(lens.run_with_hooks(no_types, []), lens.run_with_hooks(vi, []), atol=0, rtol=0)
+
+
+def test_nnsight_serves_every_per_image_visit_like_local(lens, vi):
+    """Attention points are visited once per image: the nnsight executor serves every visit, and a write with
+    ``steps=[1]`` reaches image 1 only; every vision site and the logits equal the local executor's."""
+    reads = [Read(n) for n in lens.graph.names("vision.*", include_opt_in=True)]
+    site = "vision.blocks.0.attn.hook_pattern"
+    writes = [Write(site, lambda p, s: p * 0.5, steps=[1])]
+    plain = lens.run(vi, reads)
+    local = lens.run(vi, reads, writes)
+    nn = lens.run(vi, reads, writes, executor="nnsight")
+    assert torch.equal(nn.output.logits, local.output.logits)
+    for r in reads:
+        assert len(nn.values[r.name]) == len(local.values[r.name]), r.name
+        assert all(torch.equal(a, b) for a, b in zip(nn.values[r.name], local.values[r.name])), r.name
+    assert len(nn.values[site]) == 2
+    assert torch.equal(nn.values[site][0], plain.values[site][0])  # image 0 untouched
+    assert torch.equal(nn.values[site][1], plain.values[site][1] * 0.5)  # image 1 written
+    z0, z = plain.values["vision.blocks.0.attn.hook_z"][0], nn.values["vision.blocks.0.attn.hook_z"][0]
+    first = vi.segments.span(0, "patch")
+    assert torch.equal(z[first], z0[first]) and not torch.equal(z, z0)

@@ -23,6 +23,10 @@ def rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+def linear(x: torch.Tensor, module: torch.nn.Linear) -> torch.Tensor:
+    return x @ module.weight.T if module.bias is None else x @ module.weight.T + module.bias
+
+
 def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotate ``x`` ``[batch pos head d_head]`` at positions 0..pos-1 (half-split RoPE)."""
     d = x.shape[-1]
@@ -49,9 +53,9 @@ def reference(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
         out[pre + "hook_resid_pre"] = h
         x = rms(h, layer.input_layernorm.weight, eps)
         out[pre + "ln1.hook_normalized"] = x
-        q = (x @ at.q_proj.weight.T).view(b, p, nh, dh)
-        k = (x @ at.k_proj.weight.T).view(b, p, nkv, dh)
-        v = (x @ at.v_proj.weight.T).view(b, p, nkv, dh)
+        q = linear(x, at.q_proj).view(b, p, nh, dh)
+        k = linear(x, at.k_proj).view(b, p, nkv, dh)
+        v = linear(x, at.v_proj).view(b, p, nkv, dh)
         qn, kn = rms(q, at.q_norm.weight, eps), rms(k, at.k_norm.weight, eps)
         rq, rk = rope(qn, theta), rope(kn, theta)
         group = torch.arange(nh) // (nh // nkv)  # kv head serving each query head
@@ -60,8 +64,8 @@ def reference(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
         pattern = scores.softmax(-1)
         z = torch.einsum("bhqk,bkhd->bqhd", pattern, v[:, :, group])
         w_o = at.o_proj.weight.view(cfg.hidden_size, nh, dh)
-        result = torch.einsum("bqhd,mhd->bqhm", z, w_o)
-        attn_out = result.sum(-2)
+        result = torch.einsum("bqhd,mhd->bqhm", z, w_o)  # per-head contribution, bias excluded
+        attn_out = result.sum(-2) if at.o_proj.bias is None else result.sum(-2) + at.o_proj.bias
         out.update({pre + "attn.hook_q": q, pre + "attn.hook_k": k, pre + "attn.hook_v": v,
                     pre + "attn.hook_q_normed": qn, pre + "attn.hook_k_normed": kn,
                     pre + "attn.hook_rot_q": rq, pre + "attn.hook_rot_k": rk, pre + "attn.hook_pattern": pattern,
@@ -278,16 +282,19 @@ def test_write_to_resid_mid_changes_the_residual_downstream(lens, batch):
     assert max_diff(logits, lens.run_with_hooks(batch, hooks=[])) > 1e-4
 
 
-def test_head_result_sums_to_attn_out_and_writes_through(lens, batch):
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "o_proj-bias"])
+def test_head_result_sums_to_attn_out_and_writes_through(batch, bias):
+    lens = omnilens.load(make_model("dense", attention_bias=bias))
+    o_bias = lens.model.model.layers[0].self_attn.o_proj.bias
     zero_head = 1
 
     def drop(result, site):
         result[:, :, zero_head] = 0  # in place, returning the same tensor
         return result
 
-    _, cache = lens.run_with_cache(batch, names=["blocks.0.attn.hook_result", "blocks.0.attn.hook_z",
-                                                 "blocks.0.hook_attn_out"])
-    assert max_diff(cache["blocks.0.attn.hook_result"].sum(-2), cache["blocks.0.hook_attn_out"]) <= TOL
+    _, cache = lens.run_with_cache(batch, names=["blocks.0.attn.hook_result", "blocks.0.hook_attn_out"])
+    heads_sum = cache["blocks.0.attn.hook_result"].sum(-2)
+    assert max_diff(heads_sum + (o_bias if bias else 0), cache["blocks.0.hook_attn_out"]) <= TOL
     _, patched = lens.run_with_cache(batch, names="blocks.0.hook_attn_out", hooks=[("blocks.0.attn.hook_result", drop)])
     expected = cache["blocks.0.hook_attn_out"] - cache["blocks.0.attn.hook_result"][:, :, zero_head]
     assert max_diff(patched["blocks.0.hook_attn_out"], expected) <= TOL
@@ -318,7 +325,7 @@ def qwen3_configs(draw):
     return dict(num_attention_heads=n_heads, num_key_value_heads=n_kv,
                 head_dim=draw(st.sampled_from([4, 8, 12])), num_hidden_layers=n_layers,
                 hidden_size=draw(st.sampled_from([16, 24])), intermediate_size=32,
-                seed=draw(st.integers(0, 1000)),
+                seed=draw(st.integers(0, 1000)), attention_bias=draw(st.booleans()),
                 mlp_only_layers=draw(st.lists(st.integers(0, n_layers - 1), max_size=1)))  # MoE: dense layers
 
 
@@ -402,3 +409,21 @@ def test_several_writes_on_one_site_compose_in_order(lens, batch):
     composed = lens.run_with_hooks(batch, hooks=[(site, lambda x, s: x + 1), (site, lambda x, s: x * 2)])
     single = lens.run_with_hooks(batch, hooks=[(site, lambda x, s: (x + 1) * 2)])
     assert torch.equal(composed, single)
+
+
+def test_hook_result_reads_and_later_writes_see_earlier_writes(batch):
+    lens = omnilens.load(make_model("dense", attention_bias=True))
+    site = "blocks.0.attn.hook_result"
+
+    def drop(r, s):
+        r[:, :, 1] = 0
+        return r
+
+    _, cache = lens.run_with_cache(batch, names=site, hooks=[(site, drop)])
+    assert torch.equal(cache[site][:, :, 1], torch.zeros_like(cache[site][:, :, 1]))
+    composed = lens.run_with_hooks(batch, hooks=[(site, lambda r, s: r * 2), (site, lambda r, s: r + 1)])
+    assert max_diff(composed, lens.run_with_hooks(batch, hooks=[(site, lambda r, s: r * 2 + 1)])) <= TOL
+    # a later write that restores the unwritten values gives the unwritten output back, bit for bit
+    _, clean = lens.run_with_cache(batch, names=site)
+    restored = lens.run_with_hooks(batch, hooks=[(site, drop), (site, lambda r, s: clean[site].clone())])
+    assert torch.equal(restored, lens.run_with_hooks(batch, hooks=[]))

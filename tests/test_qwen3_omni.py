@@ -467,3 +467,24 @@ def test_bad_image_inputs_raise(image_run, lens):
     bad["image_grid_thw"] = bad["image_grid_thw"].flip(0)
     with pytest.raises(HookError, match="vision.hook_patch_embed"):
         lens.run_with_cache(bad, names="vision.hook_merger")
+
+
+def test_nnsight_serves_every_audio_window_like_local(lens, audio_batch):
+    """Audio attention points are visited once per window (4 here): the nnsight executor serves each, a write
+    with ``steps=[2]`` reaches window 2 only, and every audio site equals the local executor's."""
+    from omnilens.executors.base import Read, Write
+
+    reads = [Read(n) for n in lens.graph.names("audio.*", include_opt_in=True)]
+    site = "audio.blocks.0.attn.hook_pattern"
+    writes = [Write(site, lambda p, s: p.flip(-1), steps=[2])]
+    plain = lens.run(audio_batch, [Read(site)])
+    local = lens.run(audio_batch, reads, writes)
+    nn = lens.run(audio_batch, reads, writes, executor="nnsight")
+    assert torch.equal(nn.output.logits, local.output.logits)
+    for r in reads:
+        assert len(nn.values[r.name]) == len(local.values[r.name]), r.name
+        assert all(torch.equal(a, b) for a, b in zip(nn.values[r.name], local.values[r.name])), r.name
+    got, ref = nn.values[site], plain.values[site]
+    assert len(got) == 4
+    assert all(torch.equal(got[i], ref[i]) for i in (0, 1, 3))
+    assert torch.equal(got[2], ref[2].flip(-1)) and not torch.equal(got[2], ref[2])

@@ -6,14 +6,12 @@ previous token are found from ``hook_pattern``; exact patching and AtP over ``ho
 induction head first and that previous-token head among the top two of layer 0.
 
 ``mood``: a logistic probe on the residual stream at the last prompt token separates happy from sad
-prompts held out of training; adding the happy - sad mean difference at the probe's best layer to the
-prompt positions turns sad continuations into happy ones (label token) while the subject and topic
+prompts held out of training; adding the happy - sad mean difference (at the last prompt token, as probed)
+at the probe's best layer to every prompt position turns sad continuations into happy ones (label token) while the subject and topic
 words are kept.
 """
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -26,6 +24,7 @@ from omnilens.zoo import mood
 from omnilens.zoo.induction import FIRST_WORD_ID, N_WORDS, induction_pairs
 
 SIZE_LIMIT = 5_000_000
+STEER_ALPHA = 1.0  # the plain happy - sad mean difference, unscaled
 
 
 # the zoo itself ---------------------------------------------------------------------------------
@@ -193,5 +192,3 @@ def test_steering_turns_sad_into_happy(mood_lens, probe):
     assert flipped >= 0.9
     assert kept >= 0.9
 
-
-STEER_ALPHA = json.loads((zoo.path("mood") / "zoo.json").read_text()).get("steer_alpha", 1.0)

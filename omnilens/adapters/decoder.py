@@ -118,7 +118,7 @@ def decoder_specs(lay: DecoderLayout) -> list[HookSpec]:
             _spec(lay, i, "attn", "hook_z", f"{s} head d_head", f"{att}.{lay.o}", port="input", view=heads_q,
                   doc="attention output per head (o_proj input)"),
             _spec(lay, i, "attn", "hook_result", f"{s} head {d}", f"{att}.{lay.o}", view=PerHeadResult(lay.n_heads, lay.d_head),
-                  opt_in=True, doc="per-head o_proj contribution, bias excluded (opt-in)"),
+                  opt_in=True, doc="per-head o_proj contribution, bias excluded"),
             _spec(lay, i, "resid", "hook_attn_out", f"{s} {d}", att,
                   view=TupleItem(0) if lay.attn_output_is_tuple else View(), doc="attention block output"),
             _spec(lay, i, "resid", "hook_resid_mid", f"{s} {d}", f"{blk}.{lay.ln2}", port="input", inplace=True,

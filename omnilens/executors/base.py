@@ -121,7 +121,8 @@ def serve_site(spec: HookSpec, raw: Any, ctx: CallContext, reads: Sequence[Read]
         if new is not view or not spec.view.aliases or detached:  # in-place edits of a computed view too
             raw = unview_into(spec, new, raw, ctx)
             changed = True
-            view = spec.view.view(raw, ctx)
+            # a computed view (per-head result) cannot be recovered from the new raw value: keep the written one
+            view = spec.view.view(raw, ctx) if spec.view.aliases else new
     for r in reads:
         val = select_pos(spec, view, r.pos)
         if not r.grad:

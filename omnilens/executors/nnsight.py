@@ -4,6 +4,13 @@ Each hooked module gets its own worker (an empty ``tracer.invoke()`` seeing the 
 workers need not agree on the order modules run in; inside a worker the module's input is served
 before its output. Values pass through the site's view exactly as in the local executor.
 
+Visits: under ``generate`` every module is served on every call (one per step). In a plain forward, a
+module is served once, except the attention points (sites that ``require`` them): the packed vision and
+audio towers call the attention function once per image or window, so those points are served on every
+call, visit ``i`` being image/window ``i``, as in the local executor. Serving every visit keeps the
+worker waiting for a call that never comes until the run ends (a greenlet unwound per module),
+which single-visit modules are spared.
+
 ``remote``:
 
 - ``False``: a plain ``nnsight.NNsight`` wrapper, run in-process.
@@ -13,9 +20,10 @@ before its output. Values pass through the site's view exactly as in the local e
   value. Attention-internal sites work here only because the simulation runs against the local,
   instrumented model.
 - ``True``: the same wrapper sent to the NDIF host nnsight is configured for (``NDIF_HOST``,
-  ``NDIF_API_KEY``); the model must be a hub checkpoint the server serves. Sites that need attention
-  points (``hook_rot_q``, ``hook_rot_k``, ``hook_pattern``) cannot run there: the server has neither our
-  hook points nor our attention function, so they raise before anything is sent.
+  ``NDIF_API_KEY``); the model must be a hub checkpoint the server serves. Sites that ``require``
+  instrumentation (attention points: ``hook_rot_q``, ``hook_rot_k``, ``hook_pattern``; Omni's
+  ``hook_deepstack`` point) cannot run there: the server's model has none of our temporary hook points
+  or routed functions, so they raise before anything is sent.
 
 Wrapping installs nnsight's controllers as the ``forward`` of every module (inert outside a trace,
 no torch hooks); the attention points of a run are mirrored into the envoy tree for that run.
@@ -56,6 +64,7 @@ class ModuleTask:
     inputs: tuple[SiteTask, ...]
     outputs: tuple[SiteTask, ...]
     guard_reads: bool = False  # the run writes: reads sharing memory with the live tensor are cloned
+    every_visit: bool = False  # serve every call of the module (visit i -> step i), not only the first
 
 
 class NNsightExecutor:
@@ -100,8 +109,9 @@ class NNsightExecutor:
             method: str = "forward", **kwargs: Any) -> RunResult:
         """Trace ``model.<method>(**inputs, **kwargs)`` with the reads and writes as interventions.
 
-        ``method="forward"`` serves one visit per site; any other method (``generate``) serves every
-        visit, one per step, and honours ``Write.steps``.
+        Every visit of a site is served (``values[name][i]`` is visit ``i``, ``Write.steps`` picks visits):
+        under ``generate`` one per step; in a forward, attention points once per image or window, other
+        sites once.
         """
         graph = self.adapter.graph
         specs = [graph[n] for n in dict.fromkeys([r.name for r in reads] + [w.name for w in writes])]
@@ -126,14 +136,21 @@ class NNsightExecutor:
             _ship_by_value()
         with self.adapter.instrument(specs):
             envoy = self.envoy
-            tasks = [ModuleTask(_envoy_at(envoy, path), tuple(ports["input"]), tuple(ports["output"]), bool(writes))
+            tasks = [ModuleTask(_envoy_at(envoy, path), tuple(ports["input"]), tuple(ports["output"]), bool(writes),
+                                method != "forward" or _many_visits(ports["input"] + ports["output"]))
                      for path, ports in by_module.items()]
-            output, values = _trace(envoy, tasks, inputs, kwargs, method, trace_options, method != "forward")
+            output, values = _trace(envoy, tasks, inputs, kwargs, method, trace_options)
         return RunResult(output, {name: list(vals) for name, vals in values.items()})
 
 
+def _many_visits(sites: Sequence[SiteTask]) -> bool:
+    """Whether a forward may call the module of ``sites`` more than once: attention points, which the packed
+    towers' attention calls once per image or window."""
+    return any("attention_points" in site.spec.requires for site in sites)
+
+
 def _trace(envoy, tasks: list[ModuleTask], inputs: dict[str, Any], call_kwargs: dict[str, Any], method: str,
-           trace_options: dict[str, Any], every_visit: bool) -> tuple[Any, dict[str, list[torch.Tensor]]]:
+           trace_options: dict[str, Any]) -> tuple[Any, dict[str, list[torch.Tensor]]]:
     """Run the trace: one invoke carries the inputs and saves the result, one worker per hooked module."""
     import nnsight
 
@@ -143,19 +160,20 @@ def _trace(envoy, tasks: list[ModuleTask], inputs: dict[str, Any], call_kwargs: 
             output = nnsight.save(tracer.result)
         for task in tasks:
             with tracer.invoke():
-                serve_module(task, values, tracer if every_visit else None)
+                serve_module(task, values, tracer)
     return output, values
 
 
-def serve_module(task: ModuleTask, values: dict[str, list[torch.Tensor]], tracer: Any = None) -> None:
-    """Serve the sites of one module inside a trace worker: one visit, or every visit when ``tracer`` is given.
+def serve_module(task: ModuleTask, values: dict[str, list[torch.Tensor]], tracer: Any) -> None:
+    """Serve the sites of one module inside a trace worker: the first visit, or every visit
+    (``task.every_visit``, through ``tracer.iter``).
 
     A module the run does not call (or calls fewer times) yields fewer values, as with the local executor.
     """
     from nnsight.intervention.interleaver import OutOfOrderError
 
     try:
-        if tracer is None:
+        if not task.every_visit:
             _visit(task, values, 0)
         else:
             for step in tracer.iter[:]:
@@ -203,12 +221,15 @@ def _envoy_at(root, path: str):
 
 
 def _check_remote_sites(specs: Sequence[HookSpec]) -> None:
-    needs = [s.name for s in specs if "attention_points" in s.requires]
+    """Refuse sites that ``require`` instrumentation (temporary hook points, routed functions): a remote
+    server runs its own copy of the model, which has none."""
+    needs = [f"{s.name} (requires {', '.join(sorted(s.requires))})" for s in specs if s.requires]
     if needs:
         raise ValueError(
-            f"sites {', '.join(needs)} need omnilens attention points (hook modules and a routed eager attention "
-            "function), which a remote nnsight server does not have; run them with remote='local' or the local "
-            "executor, or read module-boundary sites (hook_q/k/v, hook_q_normed/k_normed, hook_z) instead"
+            f"sites {'; '.join(needs)} need omnilens instrumentation (temporary hook modules and routed functions) "
+            "that a remote nnsight server's model does not have; run them with remote='local' or the local "
+            "executor, or read module-boundary sites instead (e.g. hook_q/k/v, hook_q_normed/k_normed, hook_z "
+            "for attention internals)"
         )
 
 

@@ -2,7 +2,8 @@
 
 The base input is stacked ``n`` times along the batch axis; copy ``j`` receives cell ``j``'s patch (a
 :class:`~omnilens.interventions.StackedPatch` per site), so one forward evaluates ``n`` cells. Chunks
-are sized to a memory budget. Sites without a batch axis (packed encoder towers) fall back to one
+are sized to a memory budget. On the local executor, a chunk's copies start at its first patched block
+(:mod:`omnilens.patching.replay`): the blocks before it are the base run's. Sites without a batch axis (packed encoder towers) fall back to one
 forward per cell. Results equal the one-forward-per-cell loop up to float rounding.
 """
 
@@ -19,6 +20,7 @@ from omnilens.interventions import POS_AXES, Patch, StackedPatch, region
 from omnilens.patching.base import (make_result, mean_metric, model_output, normalise, resolve, run, setup,
                                     try_resolve)
 from omnilens.patching.metrics import bind
+from omnilens.patching.replay import TowerReplay
 from omnilens.patching.results import PatchingResult
 from omnilens.patching.sweeps import Cell, Grid, Sweep
 
@@ -28,7 +30,7 @@ DEFAULT_BUDGET = 1 << 30
 def patch_exact(
     lens, clean: Any, corrupted: Any, metric: Callable, sweeps: Sweep | Sequence[Sweep], *,
     direction: str = "denoise", chunk_size: int | None = None, memory_budget: int = DEFAULT_BUDGET,
-    executor: Any = None, output: str = "logits",
+    executor: Any = None, output: str = "logits", replay: bool = True,
 ) -> PatchingResult | list[PatchingResult]:
     """Patch every cell of ``sweeps`` and measure ``metric``; one result per sweep.
 
@@ -42,6 +44,9 @@ def patch_exact(
         executor: ``"local"`` or ``"nnsight"`` (default: the lens's), or an executor object such as
             ``lens.executor("nnsight", remote="local")``.
         output: ``"logits"`` or ``"model"`` (the metric receives the whole model output).
+        replay: on the local executor, run the blocks before a chunk's first patched layer once and
+            replay the rest on the stacked copies (:mod:`omnilens.patching.replay`); ``False`` runs
+            full forwards.
 
     Returns:
         :class:`PatchingResult` (a list when ``sweeps`` is a list), normalised 0 = corrupted, 1 = clean.
@@ -64,7 +69,7 @@ def patch_exact(
     for sweep, grid in zip(sweeps, grids):
         if grid is None:
             grid = resolve(lens, sweep, st.seq_len, {n: v.shape for n, v in sources.items()})
-        raw = _run_cells(lens, grid, sources, st, metric, chunk_size, memory_budget, executor, output)
+        raw = _run_cells(lens, grid, sources, st, metric, chunk_size, memory_budget, executor, output, replay)
         results.append(make_result(lens, grid, raw, m_clean, m_corr, metric, "exact", st, executor))
     return results[0] if single else results
 
@@ -73,24 +78,48 @@ def sw_sites(lens, sweep: Sweep) -> list[str]:
     return [s.name for s in sweep.specs(lens.graph)]
 
 
-def _run_cells(lens, grid: Grid, sources, st, metric, chunk_size, budget, executor, output) -> torch.Tensor:
+def _run_cells(lens, grid: Grid, sources, st, metric, chunk_size, budget, executor, output, replay) -> torch.Tensor:
     raw = torch.full(grid.shape, float("nan"))
     stackable = all(lens.graph[s].axis("batch") == 0 for s in grid.sites)
     n = 1 if not stackable else chunk_size or max(1, budget // max(1, _row_bytes(lens, st) * st.rows))
-    cells = list(grid.cells)
-    for start in range(0, len(cells), n):
-        chunk = cells[start:start + n]
-        if stackable:
-            inputs = _stack_inputs(st.base, len(chunk), st.rows)
-            writes = [w for iv in _stacked_patches(lens, chunk, sources) for w in iv.writes()]
+    tower = _replay(lens, grid, st, executor, output) if stackable and replay else None
+    for chunk in _chunks(lens, grid, n, by_layer=tower is not None):
+        if not stackable:
+            writes = cell_patch(lens, chunk[0], sources[chunk[0].site]).writes()
+            out = model_output(run(lens, st.base, (), writes, executor).output, output)
         else:
-            inputs = st.base
-            writes = [w for iv in [cell_patch(lens, chunk[0], sources[chunk[0].site])] for w in iv.writes()]
-        out = model_output(run(lens, inputs, (), writes, executor).output, output)
+            writes = [w for iv in _stacked_patches(lens, chunk, sources) for w in iv.writes()]
+            if tower is not None:
+                with lens.executor("local").attach((), writes), torch.no_grad():
+                    out = tower.run(min(lens.graph[c.site].layer for c in chunk), len(chunk))
+            else:
+                inputs = _stack_inputs(st.base, len(chunk), st.rows)
+                out = model_output(run(lens, inputs, (), writes, executor).output, output)
         values = mean_metric(metric, out, st.rows, len(chunk))
         for cell, v in zip(chunk, values.tolist()):
             raw[cell.index] = v
     return raw
+
+
+def _chunks(lens, grid: Grid, n: int, by_layer: bool) -> list[list[Cell]]:
+    """Cells in chunks of at most ``n``; with ``by_layer`` a chunk never spans two layers."""
+    groups: dict[Any, list[Cell]] = defaultdict(list)
+    for cell in grid.cells:
+        groups[lens.graph[cell.site].layer if by_layer else None].append(cell)
+    return [cells[i:i + n] for cells in groups.values() for i in range(0, len(cells), n)]
+
+
+def _replay(lens, grid: Grid, st, executor, output) -> TowerReplay | None:
+    """A replay of the grid's tower from the base run, when the local executor runs and the tower is a chain."""
+    if output != "logits" or (executor or lens.default_executor) != "local":
+        return None
+    towers = {lens.graph[s].tower for s in grid.sites}
+    if len(towers) != 1:
+        return None
+    with TowerReplay.capture(lens, towers.pop(), st.rows) as box:  # same instrumentation as the patched runs
+        base = lens.run(st.base, [Read(s, to=None) for s in grid.sites], executor="local", use_cache=False)
+    tower = box[0]
+    return tower if tower is not None and tower.check_output(model_output(base.output, "logits")) else None
 
 
 def cell_patch(lens, cell: Cell, source: torch.Tensor) -> Patch:

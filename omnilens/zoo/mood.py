@@ -134,3 +134,31 @@ def encode(sents: list[MoodSentence], tok: PreTrainedTokenizerFast, with_continu
 
 LABEL_OFFSET = -2
 """Index of the label token in a full encoded sentence (the token before eos)."""
+
+
+@dataclass(frozen=True)
+class MoodPairs:
+    """Clean/corrupted prompts for patching the mood: ``clean [batch pos]`` are ``mood`` prompts, ``corrupted``
+    the same prompts with each cue word swapped for one of ``other`` (same slot). ``answer`` / ``wrong``
+    ``[batch]``: an adjective of ``mood`` and one of ``other``, the next token's contrast."""
+
+    clean: torch.Tensor
+    corrupted: torch.Tensor
+    answer: torch.Tensor
+    wrong: torch.Tensor
+
+
+def contrast_pairs(tok: PreTrainedTokenizerFast, batch: int = 16, mood: str = "happy", other: str = "sad",
+                   seed: int = 0) -> MoodPairs:
+    """``batch`` held-out ``mood`` prompts and their ``other``-mood twins (see :class:`MoodPairs`)."""
+    sents = sentences(batch, (mood,), split="heldout", seed=seed)
+    clean = encode(sents, tok, with_continuation=False)
+    corrupted = clean.clone()
+    cue_ids = {tok.convert_tokens_to_ids(w): i for i, w in enumerate(CUES[mood])}
+    for row in corrupted:
+        for j, t in enumerate(row.tolist()):
+            if t in cue_ids:
+                row[j] = tok.convert_tokens_to_ids(CUES[other][cue_ids[t]])
+    answer = torch.full((batch,), tok.convert_tokens_to_ids(ADJECTIVES[mood][0]))
+    wrong = torch.full((batch,), tok.convert_tokens_to_ids(ADJECTIVES[other][0]))
+    return MoodPairs(clean, corrupted, answer, wrong)
