@@ -1,10 +1,12 @@
-"""The ``omnilens`` console script: ``omnilens patch`` with no arguments runs the main job on the embedded
-induction model in a subprocess, writes its heatmaps and results, and prints the induction heads on top."""
+"""The ``omnilens`` console script. ``omnilens patch`` with no arguments, run as the console script of a
+fresh wheel install (weights shipped as package data), runs the main job on the embedded induction model,
+writes its heatmaps and results, and prints the induction heads on top."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,15 +27,37 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+def _install(tmp_path: Path) -> Path:
+    """Build a wheel from a copy of the sources and ``pip install --target`` it; returns the target."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "omnilens", src / "omnilens", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist")],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("omnilens-*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([*pip, "install", str(wheel), "--no-deps", "--target", str(target)], check=True,
+                   capture_output=True, timeout=300)
+    return target
+
+
 @pytest.mark.slow
-def test_patch_main_job(tmp_path):
-    proc = _run(["patch"], tmp_path)
+def test_patch_main_job_on_a_fresh_install(tmp_path):
+    target = _install(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(target / "bin" / "omnilens"), "patch"], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    out = tmp_path / "omnilens_out"
+    out = work / "omnilens_out"
     for stem in ("exact_resid", "atp_resid", "exact_heads", "atp_heads"):
         assert (out / f"{stem}.html").stat().st_size > 10_000
         res = PatchingResult.load(out / f"{stem}.safetensors")
-        assert res.provenance["name_or_path"].endswith("induction")
+        shipped = Path(res.provenance["name_or_path"]).resolve()  # the installed copy of the weights
+        assert shipped == (target / "omnilens" / "zoo" / "weights" / "induction").resolve()
     assert (out / "dla_heads.html").is_file()
     summary = json.loads((out / "summary.json").read_text())
     top_exact = summary["results"]["exact_heads"][0]["component"]
