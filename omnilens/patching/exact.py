@@ -91,7 +91,8 @@ def _run_cells(lens, grid: Grid, sources, st, metric, chunk_size, budget, execut
             writes = [w for iv in _stacked_patches(lens, chunk, sources) for w in iv.writes()]
             if tower is not None:
                 with lens.executor("local").attach((), writes), torch.no_grad():
-                    out = tower.run(min(lens.graph[c.site].layer for c in chunk), len(chunk))
+                    out = tower.run(min(lens.graph[c.site].layer for c in chunk), len(chunk),
+                                    getattr(metric, "last_positions", None))
             else:
                 inputs = _stack_inputs(st.base, len(chunk), st.rows)
                 out = model_output(run(lens, inputs, (), writes, executor).output, output)

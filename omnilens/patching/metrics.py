@@ -2,7 +2,9 @@
 
 Contract: ``metric(logits [rows pos vocab]) -> [rows]``. Patching stacks ``n`` copies of a ``B``-row
 prompt batch, so ``rows = n * B``; per-prompt data (answer ids ``[B]``, reference logits ``[B ...]``)
-is tiled with :func:`per_row`. A metric with a ``bind(clean, corrupted)`` method receives both base
+is tiled with :func:`per_row`. A metric whose ``last_positions`` is ``k`` reads only the last ``k``
+positions, so patching may hand it logits of just those (``[rows k vocab]``). A metric with a
+``bind(clean, corrupted)`` method receives both base
 outputs before patching starts (e.g. :class:`KLToClean`). Any callable following the contract works,
 including functions of non-logit outputs (Talker / codec outputs), given ``output="model"``.
 """
@@ -35,6 +37,11 @@ def _at(logits: torch.Tensor, pos: int) -> torch.Tensor:
     return logits[:, pos, :]
 
 
+def _last(pos: int | None) -> int | None:
+    """How many last positions a metric reading ``pos`` needs (``None``: all)."""
+    return -pos if pos is not None and pos < 0 else None
+
+
 @dataclass(frozen=True, eq=False)
 class LogitDiff:
     """``logits[pos, correct] - logits[pos, incorrect]`` per row (ids: one per prompt, or one for all)."""
@@ -43,6 +50,10 @@ class LogitDiff:
     incorrect: Ids
     pos: int = -1
     name: str = "logit_diff"
+
+    @property
+    def last_positions(self) -> int | None:
+        return _last(self.pos)
 
     def __call__(self, logits: Float[torch.Tensor, "rows pos vocab"]) -> Float[torch.Tensor, " rows"]:
         last = _at(logits, self.pos)
@@ -59,6 +70,10 @@ class LogProb:
     pos: int = -1
     name: str = "log_prob"
 
+    @property
+    def last_positions(self) -> int | None:
+        return _last(self.pos)
+
     def __call__(self, logits: Float[torch.Tensor, "rows pos vocab"]) -> Float[torch.Tensor, " rows"]:
         logp = torch.log_softmax(_at(logits, self.pos).float(), -1)
         t = _ids(self.token, logp.shape[0], logp.device)
@@ -72,6 +87,10 @@ class Prob:
     token: Ids
     pos: int = -1
     name: str = "prob"
+
+    @property
+    def last_positions(self) -> int | None:
+        return _last(self.pos)
 
     def __call__(self, logits: Float[torch.Tensor, "rows pos vocab"]) -> Float[torch.Tensor, " rows"]:
         return LogProb(self.token, self.pos)(logits).exp()
@@ -87,6 +106,10 @@ class KLToClean:
     pos: int | None = -1
     reference: torch.Tensor | None = None
     name: str = "kl_to_clean"
+
+    @property
+    def last_positions(self) -> int | None:
+        return _last(self.pos)
 
     def bind(self, clean: torch.Tensor, corrupted: torch.Tensor) -> KLToClean:
         return replace(self, reference=clean.detach())

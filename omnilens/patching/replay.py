@@ -75,8 +75,9 @@ class TowerReplay:
         """Whether the model's logits are the unembedding's output of the base run."""
         return torch.equal(self.calls[len(self.blocks) + 1].output, logits)
 
-    def run(self, start: int, copies: int) -> torch.Tensor:
-        """Logits ``[copies * rows, pos, vocab]`` from replaying blocks ``start..`` on ``copies`` stacked copies."""
+    def run(self, start: int, copies: int, last: int | None = None) -> torch.Tensor:
+        """Logits ``[copies * rows, pos, vocab]`` from replaying blocks ``start..`` on ``copies`` stacked copies;
+        ``last=k`` unembeds only the last ``k`` positions (``[copies * rows, k, vocab]``)."""
         n = len(self.blocks)
         hidden = _repeat(self.calls[start].args[0], copies, self.rows)
         for i in range(start, n):
@@ -84,7 +85,7 @@ class TowerReplay:
             hidden = self.blocks[i](hidden, *_repeat(call.args[1:], copies, self.rows),
                                     **_repeat(call.kwargs, copies, self.rows))
         normed = self.norm(hidden, *_repeat(self.calls[n].args[1:], copies, self.rows))
-        return self.unembed(normed)
+        return self.unembed(normed if last is None else normed[:, -last:])
 
 
 def _pre(calls: dict[int, _Call], i: int):
