@@ -170,7 +170,8 @@ def main() -> None:
           f"{t_tl_head / t_atp_head:6.1f}x   both sweeps in one pass {t_tl / t_atp:6.1f}x   (target >= 50x)")
     c_tl, c_om = CPU["tl_resid"] + CPU["tl_head"], CPU["om_resid"] + CPU["om_head"]
     print(f"  by process CPU time              : exact-batched vs TransformerLens {c_tl / c_om:6.1f}x, "
-          f"vs nnsight loop {CPU['nn'] / c_om:6.1f}x; AtP (one pass) vs TransformerLens exact {c_tl / CPU['atp']:6.1f}x")
+          f"vs nnsight loop {CPU['nn'] / c_om:6.1f}x; AtP (one pass) vs TransformerLens exact "
+          f"{c_tl / CPU['atp']:6.1f}x")
     print(f"  AtP agreement with exact (Spearman): resid_pre {rank_correlation(atp[0].values, om_resid.values):+.3f}, "
           f"heads {rank_correlation(atp[1].values, om_head.values):+.3f}")
 

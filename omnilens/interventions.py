@@ -12,7 +12,9 @@ apply it alike. Interventions compose: a list is applied in order, site by site.
 Selectors: ``pos`` acts on the site's ``pos`` axis (``query`` for attention patterns, ``patch`` /
 ``frame`` for packed encoder towers), ``head`` on ``head``, ``kv_head`` on ``kv_head``, ``expert`` on
 ``expert``, ``batch`` on ``batch``; each is an int, a slice, a list of ints or ``None`` (all).
-Several selectors select their outer product. ``steps`` limits the write to chosen visits of the site.
+Several selectors select their outer product. ``steps`` limits the write to chosen visits of the site
+(during ``generate`` step 0 is the prompt; later steps see only the new position, so patch prompt
+positions with ``steps=[0]``).
 """
 
 from __future__ import annotations
@@ -109,6 +111,13 @@ class Intervention:
         out = act.clone()
         out[mesh] = self.edit(act[mesh], act, mesh, spec).to(act.dtype)
         return out
+
+    def check(self, graph) -> None:
+        """Raise before any forward if the site is unknown or lacks an axis a selector needs."""
+        spec = graph[self.site]
+        for name, value in self.selectors.items():
+            if value is not None:
+                selector_axis(spec, name)
 
     def writes(self) -> list[Write]:
         """The executor writes that apply this intervention."""
@@ -212,10 +221,9 @@ class Apply(Intervention):
 
     def edit(self, block, act, mesh, spec):
         new = self.fn(block, spec)
-        spec_shape = block.shape
-        if not isinstance(new, torch.Tensor) or new.shape != spec_shape:
+        if not isinstance(new, torch.Tensor) or new.shape != block.shape:
             got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
-            raise HookError(spec.name, f"fn to return the selected block's shape {tuple(spec_shape)}", f"{got}")
+            raise HookError(spec.name, f"fn to return the selected block's shape {tuple(block.shape)}", f"{got}")
         return new
 
 
@@ -250,9 +258,10 @@ def to_writes(interventions: Sequence[Intervention]) -> list[Write]:
 def apply(lens, interventions: Sequence[Intervention]) -> Iterator[None]:
     """Apply ``interventions`` to every forward or ``generate`` of ``lens.model`` inside the block.
 
-    Every site name is checked before anything is attached; hooks are removed on exit, exceptions included.
+    Site names and selector axes are checked before anything is attached; hooks are removed on exit,
+    exceptions included.
     """
     for iv in interventions:
-        lens.graph[iv.site]  # unknown names raise with suggestions before anything is attached
+        iv.check(lens.graph)
     with lens.executor("local").attach((), to_writes(interventions)):
         yield

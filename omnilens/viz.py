@@ -42,7 +42,8 @@ def heatmap(result, *, title: str | None = None, zmax: float | None = None, raw:
         zmax=zmax, text=hover, hoverinfo="text", colorbar={"title": result.metric if raw else "effect"},
     ))
     site = result.sites[0] if result.sites else ""
-    default = f"{result.method} ({result.direction}) · {result.metric} · {site}{' …' if len(result.sites) > 1 else ''}"
+    more = " …" if len(result.sites) > 1 else ""
+    default = f"{result.method} ({result.direction}) · {result.metric} · {site}{more}"
     fig.update_layout(title=title or default, xaxis_title=x_axis, yaxis_title=".".join(y_axes) or "",
                       xaxis={"type": "category"}, yaxis={"type": "category", "autorange": "reversed"},
                       template="plotly_white")

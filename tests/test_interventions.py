@@ -148,6 +148,10 @@ def test_errors_name_the_site_and_leave_no_hooks(lens):
     with pytest.raises(KeyError, match="closest valid names"):
         with apply(lens, [ZeroAblate("blocks.0.hook_resid_prex")]):
             pass
+    with pytest.raises(HookError, match="expert"):
+        with apply(lens, [Scale("blocks.0.hook_resid_pre", 2.0, expert=1)]):
+            pytest.fail("the block must not run")
+    assert hook_counts(lens.model) == 0
     with pytest.raises(RuntimeError, match="boom"):
         with apply(lens, [ZeroAblate("blocks.0.hook_resid_pre")]):
             assert hook_counts(lens.model) == 1

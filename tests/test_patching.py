@@ -11,6 +11,7 @@ from conftest import make_model
 import omnilens
 from omnilens.interventions import Patch, to_writes
 from omnilens.patching import KLToClean, LogitDiff, LogitFn, LogProb, PatchingResult, Prob, Sweep, patch_exact
+from omnilens.patching.replay import TowerReplay
 
 TOL = 1e-5
 N_LAYERS, N_HEADS, N_KV = 2, 4, 2
@@ -95,12 +96,68 @@ def test_chunking_does_not_change_results(lens, pair, metric):
     one = patch_exact(lens, clean, corrupted, metric, sweep, chunk_size=1)
     many = patch_exact(lens, clean, corrupted, metric, sweep, memory_budget=1 << 40)
     assert (one.raw - many.raw).abs().max() < TOL
+    early = LogProb([3, 4], pos=-4)  # reads the last 4 positions: suffix replays must start before them
+    fast = patch_exact(lens, clean, corrupted, early, Sweep("hook_resid_mid"))
+    full = patch_exact(lens, clean, corrupted, early, Sweep("hook_resid_mid"), replay=False)
+    assert (fast.raw - full.raw).abs().max() < TOL and fast.raw.std() > 1e-3
+
+
+def test_replay_and_noop_cells_save_forwards_without_changing_results(lens, tokenizer):
+    """Clean and corrupted differ only at the last token: every earlier (layer, pos) cell is a no-op, and
+    the replay starts each chunk at its own block, so block 0 sees the three base runs, the one-row replay that
+    records the base keys and values (for suffix replays), and one patched row."""
+    ids = lens.to_tokens(CLEAN)
+    corrupted = ids.clone()
+    corrupted[0, -1] = tokenizer.convert_tokens_to_ids("happy")
+    rows = []
+    handle = lens.model.model.layers[0].register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    try:
+        metric = LogProb(tokenizer.convert_tokens_to_ids("sad"))
+        fast = patch_exact(lens, ids, corrupted, metric, Sweep("hook_resid_pre"))
+        assert sum(rows) == 5
+        rows.clear()
+        full = patch_exact(lens, ids, corrupted, metric, Sweep("hook_resid_pre"), replay=False)
+        assert sum(rows) == 2 + 2  # base runs + the two non-no-op cells, stacked in one full forward
+    finally:
+        handle.remove()
+    assert (fast.raw - full.raw).abs().max() < TOL
+    assert torch.equal(fast.raw[:, :-1], torch.full_like(fast.raw[:, :-1], fast.corrupted))
+    assert (fast.values[:, -1] - 1).abs().max() < 1e-4
+
+
+def test_suffix_replay_recomputes_only_positions_after_the_patch(lens, pair, tokenizer):
+    """A replay from block ``start`` of positions ``p..`` (earlier positions attend through the base run's
+    keys and values) reproduces the base logits there, on a padded two-row batch, feeding each block only
+    ``pos - p`` positions; and patching with it equals full forwards when every cell is real work."""
+    base = pair[1]
+    with TowerReplay.capture(lens, "", rows=2) as box:
+        logits = lens.run(base, use_cache=False).output.logits
+    replay = box[0]
+    assert replay is not None and replay.verify(logits) and replay.suffixable
+    seen = []
+    handle = lens.model.model.layers[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    try:
+        for start in (0, 1):
+            for p in range(1, logits.shape[1]):
+                seen.clear()
+                got = replay.run(start, 3, suffix=p)
+                assert (got - logits.repeat(3, 1, 1)[:, p:]).abs().max() < TOL
+                assert seen == [logits.shape[1] - p]
+    finally:
+        handle.remove()
+    ids = lens.to_tokens(CLEAN)
+    corrupted = ids.clone()
+    corrupted[0, 0] = tokenizer.convert_tokens_to_ids("a")
+    metric = LogProb(tokenizer.convert_tokens_to_ids("sad"))
+    fast = patch_exact(lens, ids, corrupted, metric, Sweep("hook_resid_pre"))
+    full = patch_exact(lens, ids, corrupted, metric, Sweep("hook_resid_pre"), replay=False)
+    assert (fast.raw - full.raw).abs().max() < TOL and fast.raw.std() > 1e-3
 
 
 def test_full_span_patch_recovers_clean_and_corrupted(lens, tokenizer):
     seq = lens.to_tokens(CLEAN).shape[1]
     sweep = Sweep("hook_resid_pre", spans={"all": range(seq), "first half": range(seq // 2)}, layers=[0])
-    for metric in (LogProb(tokenizer.convert_tokens_to_ids("sad")), KLToClean(pos=None),
+    for metric in (LogProb(tokenizer.convert_tokens_to_ids("sad")), KLToClean(pos=None), KLToClean(),
                    Prob(tokenizer.convert_tokens_to_ids("happy"), pos=3)):
         den = patch_exact(lens, CLEAN, CORRUPT, metric, sweep)
         noi = patch_exact(lens, CLEAN, CORRUPT, metric, sweep, direction="noise")
@@ -127,6 +184,15 @@ def test_metrics_against_hand_computation(lens, tokenizer):
     fn = LogitFn(lambda x: x[:, -1].max(-1).values, name="max_logit")
     res = patch_exact(lens, CLEAN, CORRUPT, fn, Sweep("hook_mlp_out", layers=[1]))
     assert res.metric == "max_logit" and abs(res.clean - float(last.max())) < TOL
+
+
+def test_metric_of_the_whole_model_output(lens, tokenizer):
+    """``output="model"``: the metric receives the model's output object (e.g. Talker/codec outputs)."""
+    sad = tokenizer.convert_tokens_to_ids("sad")
+    by_logits = patch_exact(lens, CLEAN, CORRUPT, LogitFn(lambda x: x[:, -1, sad]), Sweep("hook_attn_out"))
+    by_output = patch_exact(lens, CLEAN, CORRUPT, LogitFn(lambda out: out.logits[:, -1, sad]), Sweep("hook_attn_out"),
+                            output="model")
+    assert (by_logits.raw - by_output.raw).abs().max() < TOL and by_logits.raw.std() > 1e-3
 
 
 class Counter:

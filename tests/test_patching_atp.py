@@ -119,8 +119,8 @@ def test_rank_correlation_with_exact_is_reported(lens, metric, capsys):
     star = patch_attribution(lens, CLEAN, CORRUPT, metric, sweeps[-2:], star=True)
     lines, corr = [], {}
     for e, a in zip(exact, atp):
-        corr[e.sites[0]] = rank_correlation(a.values, e.values)
-        lines.append(f"  {e.sites[0].split('.', 2)[-1]:<18} {'x'.join(e.axes):<20} AtP  spearman {corr[e.sites[0]]:+.3f}")
+        rho = corr[e.sites[0]] = rank_correlation(a.values, e.values)
+        lines.append(f"  {e.sites[0].split('.', 2)[-1]:<18} {'x'.join(e.axes):<20} AtP  spearman {rho:+.3f}")
     for e, s in zip(exact[-2:], star):
         rho = rank_correlation(s.values, e.values)
         lines.append(f"  {e.sites[0].split('.', 2)[-1]:<18} {'x'.join(e.axes):<20} AtP* spearman {rho:+.3f}")

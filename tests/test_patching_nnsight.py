@@ -4,7 +4,6 @@ nnsight's remote-simulation round trip (the trace serialised as for a remote bac
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import make_model
 
 import omnilens

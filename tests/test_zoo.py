@@ -18,6 +18,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from omnilens import zoo
+from omnilens.heads import direct_logit_attribution
 from omnilens.interventions import AddVector, apply
 from omnilens.patching import LogitDiff, Sweep, patch_attribution, patch_exact, rank_correlation
 from omnilens.zoo import mood
@@ -114,6 +115,13 @@ def test_patching_ranks_the_induction_heads(head_results, heads, method):
     flat = res.values.reshape(-1)
     assert int(flat.argmax()) == 1 * res.shape[1] + ind_head  # the induction head first, over all heads
     assert prev_head in res.values[0].argsort(descending=True)[:2].tolist()
+
+
+def test_direct_logit_attribution_ranks_the_induction_head_first(induction, heads):
+    pairs = induction_pairs(batch=16, seg_len=10, seed=123)
+    scores = direct_logit_attribution(induction, pairs.clean, pairs.answer, pairs.wrong)
+    print(f"\nDLA per head (answer - wrong): {scores.values}")
+    assert scores.top(1)[0][:2] == (1, heads[1])
 
 
 def test_exact_and_atp_agree_on_heads(head_results):

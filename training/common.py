@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -23,9 +23,10 @@ def qwen3(vocab_size: int, seed: int, **cfg) -> Qwen3ForCausalLM:
 
 
 def train(model: Qwen3ForCausalLM, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]], steps: int,
-          lr: float, warmup: int = 100, weight_decay: float = 0.01, log_every: int = 100) -> None:
+          lr: float, warmup: int = 100, weight_decay: float = 0.01, log_every: int = 100,
+          penalty: Callable[[Qwen3ForCausalLM, int], torch.Tensor] | None = None) -> None:
     """AdamW with linear warm-up and cosine decay. ``batches(step)`` returns ``(input_ids, labels)``
-    (labels ``-100`` where no loss is taken; shifted inside the model)."""
+    (labels ``-100`` where no loss is taken; shifted inside the model); ``penalty(model, step)`` is added to the loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -35,13 +36,29 @@ def train(model: Qwen3ForCausalLM, batches: Callable[[int], tuple[torch.Tensor, 
         ids, labels = batches(step)
         loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + penalty(model, step) if penalty is not None else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps - 1:
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:6.1f}s", flush=True)
     model.eval()
+
+
+def head_sparsity(model: Qwen3ForCausalLM, coef: float, layers: Sequence[int], mlp: bool = False) -> torch.Tensor:
+    """``coef * sum over heads of sqrt(||o_proj columns of the head||)`` in ``layers`` (and, with ``mlp``,
+    over the MLP's neurons: ``down_proj`` columns). The square root is concave, so one head doing a job
+    costs less than several redundant copies sharing it: the penalty leaves one head per role in those
+    layers and switches the others off."""
+    cfg = model.config
+    total = torch.zeros(())
+    for i in layers:
+        layer = model.model.layers[i]
+        w = layer.self_attn.o_proj.weight.view(cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim)
+        total = total + (w.norm(dim=(0, 2)) + 1e-8).sqrt().sum()
+        if mlp:
+            total = total + (layer.mlp.down_proj.weight.norm(dim=0) + 1e-8).sqrt().sum()
+    return coef * total
 
 
 def save(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, name: str, card: dict) -> Path:

@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--name", default="mood", help="zoo folder to write (default: mood)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tok = mood.tokenizer()
@@ -58,7 +59,7 @@ def main() -> None:
     train(model, batches, args.steps, lr=3e-3)
     acc = heldout_accuracy(model, tok)
     print("held-out greedy accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-    save(model, tok, "mood", {
+    save(model, tok, args.name, {
         "task": "mood", "seed": args.seed, "steps": args.steps, "command": "python -m training.train_mood",
         "heldout_accuracy": {k: round(v, 4) for k, v in acc.items()},
     })

@@ -11,5 +11,5 @@ from omnilens.patching.metrics import KLToClean, LogitDiff, LogitFn, LogProb, Pr
 from omnilens.patching.results import PatchingResult, rank_correlation
 from omnilens.patching.sweeps import Sweep
 
-__all__ = ["KLToClean", "LogProb", "LogitDiff", "LogitFn", "PatchingResult", "Prob", "Sweep", "patch_attribution", "patch_exact",
-           "rank_correlation"]
+__all__ = ["KLToClean", "LogProb", "LogitDiff", "LogitFn", "PatchingResult", "Prob", "Sweep", "patch_attribution",
+           "patch_exact", "rank_correlation"]

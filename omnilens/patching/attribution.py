@@ -24,10 +24,10 @@ import torch
 from omnilens.executors.base import Read, Write
 from omnilens.interventions import region
 from omnilens.patching.base import make_result, mean_metric, model_output, normalise, resolve, setup, try_resolve
-from omnilens.patching.exact import selectors, sw_sites
+from omnilens.patching.exact import _single_visits, selectors, sw_sites
 from omnilens.patching.metrics import bind
 from omnilens.patching.results import PatchingResult
-from omnilens.patching.sweeps import Grid, Sweep
+from omnilens.patching.sweeps import Sweep
 
 QK_SITES = {"hook_q": "hook_rot_q", "hook_q_normed": "hook_rot_q", "hook_rot_q": "hook_rot_q",
             "hook_k": "hook_rot_k", "hook_k_normed": "hook_rot_k", "hook_rot_k": "hook_rot_k"}
@@ -67,7 +67,7 @@ def patch_attribution(
         m_clean, m_corr = (m_src, m_base) if direction == "denoise" else (m_base, m_src)
         normalise(torch.zeros(()), m_clean, m_corr)
         grads = dict(zip(leaves, torch.autograd.grad(m_base_t, list(leaves.values()), allow_unused=True)))
-    sources = {n: vs[0] for n, vs in src.values.items()}
+    sources = _single_visits(src.values)
     base_rot = {n: vs[0].detach() for n, vs in base.values.items()}
     results = []
     for sweep, grid in zip(sweeps, grids):

@@ -2,9 +2,12 @@
 
 The base input is stacked ``n`` times along the batch axis; copy ``j`` receives cell ``j``'s patch (a
 :class:`~omnilens.interventions.StackedPatch` per site), so one forward evaluates ``n`` cells. Chunks
-are sized to a memory budget. On the local executor, a chunk's copies start at its first patched block
-(:mod:`omnilens.patching.replay`): the blocks before it are the base run's. Sites without a batch axis (packed encoder towers) fall back to one
-forward per cell. Results equal the one-forward-per-cell loop up to float rounding.
+are sized to a memory budget. Cells whose patch would write the values already there (e.g. positions
+before the first token where clean and corrupted differ) take the base run's metric without a
+forward. On the local executor, a chunk's copies start at its first patched block
+(:mod:`omnilens.patching.replay`): the blocks before it are the base run's. Sites without a batch
+axis (packed encoder towers) fall back to one forward per cell. Results equal the
+one-forward-per-cell loop up to float rounding.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from omnilens.patching.results import PatchingResult
 from omnilens.patching.sweeps import Cell, Grid, Sweep
 
 DEFAULT_BUDGET = 1 << 30
+POS_CHUNKS = 8
 
 
 def patch_exact(
@@ -57,57 +61,114 @@ def patch_exact(
     grids = try_resolve(lens, sweeps, st.seq_len)
     sites = list(dict.fromkeys(name for sw in sweeps for name in sw_sites(lens, sw)))
     src = run(lens, st.source, [Read(n, to=None) for n in sites], executor=executor)
-    base = run(lens, st.base, executor=executor)
+    base = run(lens, st.base, [Read(n, to=None) for n in sites], executor=executor)
     src_out, base_out = model_output(src.output, output), model_output(base.output, output)
     clean_out, corr_out = (src_out, base_out) if direction == "denoise" else (base_out, src_out)
     metric = bind(metric, clean_out, corr_out)
     m_clean = float(mean_metric(metric, clean_out, st.rows)[0])
     m_corr = float(mean_metric(metric, corr_out, st.rows)[0])
     normalise(torch.zeros(()), m_clean, m_corr)  # undefined normalisation raises before patching
-    sources = {n: vs[0] for n, vs in src.values.items()}
+    sources, bases = _single_visits(src.values), _single_visits(base.values)
+    m_base = m_corr if direction == "denoise" else m_clean
     results = []
     for sweep, grid in zip(sweeps, grids):
         if grid is None:
             grid = resolve(lens, sweep, st.seq_len, {n: v.shape for n, v in sources.items()})
-        raw = _run_cells(lens, grid, sources, st, metric, chunk_size, memory_budget, executor, output, replay)
+        raw = torch.full(grid.shape, float("nan"))
+        todo = []
+        for cell in grid.cells:  # a patch that writes the values already there leaves the base run unchanged
+            if _is_noop(lens, cell, sources[cell.site], bases[cell.site]):
+                raw[cell.index] = m_base
+            else:
+                todo.append(cell)
+        _run_cells(lens, grid, todo, raw, sources, st, metric, chunk_size, memory_budget, executor, output, replay)
         results.append(make_result(lens, grid, raw, m_clean, m_corr, metric, "exact", st, executor))
     return results[0] if single else results
+
+
+def _single_visits(values: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The one value of each site; sites visited several times per forward cannot be patched cell by cell."""
+    many = {n: len(vs) for n, vs in values.items() if len(vs) != 1}
+    if many:
+        raise ValueError(f"sites visited other than once in one forward cannot be swept: {many} "
+                         "(e.g. per-image vision attention internals: sweep them with one image)")
+    return {n: vs[0] for n, vs in values.items()}
 
 
 def sw_sites(lens, sweep: Sweep) -> list[str]:
     return [s.name for s in sweep.specs(lens.graph)]
 
 
-def _run_cells(lens, grid: Grid, sources, st, metric, chunk_size, budget, executor, output, replay) -> torch.Tensor:
-    raw = torch.full(grid.shape, float("nan"))
+def _is_noop(lens, cell: Cell, source: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether the cell's selection holds the same values in the source and base runs."""
+    spec = lens.graph[cell.site]
+    mesh = region(spec, source.shape, selectors(spec, cell.select), source.device)
+    return torch.equal(source[mesh], base[mesh]) if mesh is not None else torch.equal(source, base)
+
+
+def _run_cells(lens, grid: Grid, cells: list[Cell], raw: torch.Tensor, sources, st, metric, chunk_size, budget,
+               executor, output, replay) -> None:
+    """Fill ``raw`` at ``cells`` with the metric of their patched runs."""
+    if not cells:
+        return
     stackable = all(lens.graph[s].axis("batch") == 0 for s in grid.sites)
-    n = 1 if not stackable else chunk_size or max(1, budget // max(1, _row_bytes(lens, st) * st.rows))
     tower = _replay(lens, grid, st, executor, output) if stackable and replay else None
-    for chunk in _chunks(lens, grid, n, by_layer=tower is not None):
+    stackable = stackable and (tower is not None or _batch_led(st.base, st.rows))
+    n = 1 if not stackable else chunk_size or max(1, budget // max(1, _row_bytes(lens, st) * st.rows))
+    suffix = tower is not None and tower.suffixable and _suffix_sites(lens, grid)
+    last = getattr(metric, "last_positions", None)
+    for chunk in _chunks(lens, cells, n, by_layer=tower is not None, by_pos=suffix):
         if not stackable:
             writes = cell_patch(lens, chunk[0], sources[chunk[0].site]).writes()
             out = model_output(run(lens, st.base, (), writes, executor).output, output)
         else:
-            writes = [w for iv in _stacked_patches(lens, chunk, sources) for w in iv.writes()]
+            # positions before the chunk's first patch keep their base values; the metric's must be replayed
+            p = min(_first_pos(lens, c) for c in chunk) if suffix and last is not None else 0
+            p = max(0, min(p, st.seq_len - last)) if p else 0
+            writes = [w for iv in _stacked_patches(lens, chunk, sources, p) for w in iv.writes()]
             if tower is not None:
                 with lens.executor("local").attach((), writes), torch.no_grad():
-                    out = tower.run(min(lens.graph[c.site].layer for c in chunk), len(chunk),
-                                    getattr(metric, "last_positions", None))
+                    out = tower.run(min(lens.graph[c.site].layer for c in chunk), len(chunk), last, suffix=p)
             else:
                 inputs = _stack_inputs(st.base, len(chunk), st.rows)
                 out = model_output(run(lens, inputs, (), writes, executor).output, output)
         values = mean_metric(metric, out, st.rows, len(chunk))
         for cell, v in zip(chunk, values.tolist()):
             raw[cell.index] = v
-    return raw
 
 
-def _chunks(lens, grid: Grid, n: int, by_layer: bool) -> list[list[Cell]]:
-    """Cells in chunks of at most ``n``; with ``by_layer`` a chunk never spans two layers."""
+def _chunks(lens, cells: list[Cell], n: int, by_layer: bool, by_pos: bool) -> list[list[Cell]]:
+    """``cells`` in chunks of at most ``n``; with ``by_layer`` a chunk never spans two layers; with ``by_pos``
+    each layer's cells are sorted by first patched position and cut into up to ``POS_CHUNKS`` chunks, so
+    suffix replays start late."""
     groups: dict[Any, list[Cell]] = defaultdict(list)
-    for cell in grid.cells:
+    for cell in cells:
         groups[lens.graph[cell.site].layer if by_layer else None].append(cell)
-    return [cells[i:i + n] for cells in groups.values() for i in range(0, len(cells), n)]
+    out = []
+    for group in groups.values():
+        size = n
+        if by_pos and any(_first_pos(lens, c) for c in group):
+            group = sorted(group, key=lambda c: _first_pos(lens, c))
+            size = min(n, -(-len(group) // POS_CHUNKS))
+        out += [group[i:i + size] for i in range(0, len(group), size)]
+    return out
+
+
+def _first_pos(lens, cell: Cell) -> int:
+    """The first position the cell patches (0 when it patches every position)."""
+    axis = _pos_axis(lens.graph[cell.site])
+    return min(cell.select[axis]) if axis in cell.select else 0
+
+
+def _pos_axis(spec) -> str | None:
+    return next((a for a in ("pos", "query") if spec.axis(a) is not None), None)
+
+
+def _suffix_sites(lens, grid: Grid) -> bool:
+    """Whether every site of the grid sees only the recomputed positions in a suffix replay (attention
+    internals other than the pattern's query rows see cached keys too)."""
+    return all(_pos_axis(spec) is not None and (not spec.requires or spec.axis("query") is not None)
+               for spec in (lens.graph[s] for s in grid.sites))
 
 
 def _replay(lens, grid: Grid, st, executor, output) -> TowerReplay | None:
@@ -120,7 +181,7 @@ def _replay(lens, grid: Grid, st, executor, output) -> TowerReplay | None:
     with TowerReplay.capture(lens, towers.pop(), st.rows) as box:  # same instrumentation as the patched runs
         base = lens.run(st.base, [Read(s, to=None) for s in grid.sites], executor="local", use_cache=False)
     tower = box[0]
-    return tower if tower is not None and tower.check_output(model_output(base.output, "logits")) else None
+    return tower if tower is not None and tower.verify(model_output(base.output, "logits")) else None
 
 
 def cell_patch(lens, cell: Cell, source: torch.Tensor) -> Patch:
@@ -133,13 +194,19 @@ def selectors(spec, select) -> dict[str, list[int]]:
     return {("pos" if axis in POS_AXES else axis): list(idx) for axis, idx in select.items()}
 
 
-def _stacked_patches(lens, chunk: list[Cell], sources) -> list[StackedPatch]:
+def _stacked_patches(lens, chunk: list[Cell], sources, offset: int = 0) -> list[StackedPatch]:
+    """One :class:`StackedPatch` per site of ``chunk``; ``offset`` drops the positions before it (suffix replays)."""
     by_site: dict[str, list[tuple[int, Cell]]] = defaultdict(list)
     for j, cell in enumerate(chunk):
         by_site[cell.site].append((j, cell))
     out = []
     for site, cells in by_site.items():
         spec, source = lens.graph[site], sources[site]
+        if offset:
+            axis = _pos_axis(spec)
+            source = source.narrow(spec.axis(axis), offset, source.shape[spec.axis(axis)] - offset)
+            cells = [(j, Cell(c.index, c.site, {a: tuple(i - offset for i in idx) if a == axis else idx
+                                                for a, idx in c.select.items()})) for j, c in cells]
         swept = {a for _, c in cells for a in c.select}
         shape = (1,) + tuple(n if a in swept else 1 for a, n in zip(spec.axis_names[1:], source.shape[1:]))
         mask = torch.zeros((len(chunk),) + shape, dtype=torch.bool, device=source.device)
@@ -148,6 +215,11 @@ def _stacked_patches(lens, chunk: list[Cell], sources) -> list[StackedPatch]:
             mask[j][mesh] = True
         out.append(StackedPatch(site, source, mask))
     return out
+
+
+def _batch_led(inputs: dict[str, Any], rows: int) -> bool:
+    """Whether every tensor input has a leading batch axis (packed pixel or audio features do not)."""
+    return all(v.dim() == 0 or v.shape[0] == rows for v in inputs.values() if isinstance(v, torch.Tensor))
 
 
 def _stack_inputs(inputs: dict[str, Any], n: int, rows: int) -> dict[str, Any]:

@@ -1,12 +1,18 @@
-"""Replay a decoder tower from block ``L``: patched copies skip the blocks before the first patch.
+"""Replay a decoder tower from block ``L``: patched copies skip the work the base run already did.
 
 Blocks before a chunk's first patched layer compute the same values for every stacked copy, so
 exact patching on the local executor runs them once (the base run) and replays only blocks ``L..``,
-the final norm and the unembedding on the stacked copies. The replay calls the very modules (and so
-fires every hook at their sites) with the arguments captured from the base run's calls, repeated per
-copy. It is used only after the base run proved that the tower is a plain chain (block ``i + 1``
-receives block ``i``'s output, the final norm the last block's, the unembedding the norm's, and the
-model returns the unembedding's output); otherwise patching runs full forwards.
+the final norm and the unembedding on the stacked copies. With causal attention, positions before a
+chunk's first patched position are unchanged too: a *suffix* replay recomputes positions ``p..`` only,
+the earlier ones attending through the base run's keys and values (a stand-in cache). The replay calls
+the very modules (so every hook at their sites fires) with the arguments captured from the base run's
+calls, repeated per copy.
+
+This reaches into the modules behind the graph's sites (block = ``hook_resid_pre``'s module, final
+norm, unembedding), so it checks itself before use: the base run must be a plain chain (block ``i + 1``
+receives block ``i``'s output, the final norm the last block's, the unembedding the norm's, and the model
+returns the unembedding's output), and replaying the last block (whole, and from the middle position)
+must reproduce the base logits. Otherwise patching runs full forwards (or whole-sequence replays).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class TowerReplay:
     unembed: torch.nn.Module
     calls: dict[int, _Call]
     rows: int
+    suffixable: bool = False
+    _past: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
     def modules(cls, lens, tower: str) -> tuple[list[torch.nn.Module], torch.nn.Module, torch.nn.Module] | None:
@@ -71,21 +79,105 @@ class TowerReplay:
                 h.remove()
         box[0] = cls(blocks, norm, unembed, calls, rows) if _is_chain(calls, len(blocks)) else None
 
-    def check_output(self, logits: torch.Tensor) -> bool:
-        """Whether the model's logits are the unembedding's output of the base run."""
-        return torch.equal(self.calls[len(self.blocks) + 1].output, logits)
+    def verify(self, logits: torch.Tensor) -> bool:
+        """Whether the model's logits are the unembedding's output of the base run, and replaying the last
+        block on two copies reproduces them (the captured arguments repeat correctly per copy). Also decides
+        whether suffix replays work (:meth:`run` with ``suffix``): the last block replayed from the middle
+        position must reproduce the base logits there."""
+        if not torch.equal(self.calls[len(self.blocks) + 1].output, logits):
+            return False
+        tile = logits.repeat(2, *([1] * (logits.dim() - 1)))
+        if not _close(lambda: self.run(len(self.blocks) - 1, 2), tile):
+            return False
+        half = logits.shape[1] // 2
+        self.suffixable = half > 0 and _close(lambda: self.run(len(self.blocks) - 1, 2, suffix=half), tile[:, half:])
+        return True
 
-    def run(self, start: int, copies: int, last: int | None = None) -> torch.Tensor:
-        """Logits ``[copies * rows, pos, vocab]`` from replaying blocks ``start..`` on ``copies`` stacked copies;
-        ``last=k`` unembeds only the last ``k`` positions (``[copies * rows, k, vocab]``)."""
+    def run(self, start: int, copies: int, last: int | None = None, suffix: int = 0) -> torch.Tensor:
+        """Logits ``[copies * rows, pos, vocab]`` from replaying blocks ``start..`` on ``copies`` stacked copies.
+
+        ``last=k`` unembeds only the last ``k`` positions. ``suffix=p`` recomputes only positions ``p..``
+        (``[copies * rows, pos - p, vocab]``): earlier positions attend as in the base run, through its
+        keys and values (causal attention: a patch at position ``>= p`` cannot change them).
+        """
         n = len(self.blocks)
-        hidden = _repeat(self.calls[start].args[0], copies, self.rows)
+        hidden = _repeat(self.calls[start].args[0][:, suffix:], copies, self.rows)
+        past = _Past(self.past(), suffix, copies, self.rows) if suffix else None
         for i in range(start, n):
             call = self.calls[i]
-            hidden = self.blocks[i](hidden, *_repeat(call.args[1:], copies, self.rows),
-                                    **_repeat(call.kwargs, copies, self.rows))
+            kwargs = _repeat(call.kwargs, copies, self.rows)
+            if suffix:
+                kwargs = _suffix_kwargs(kwargs, suffix, past, hidden)
+            hidden = self.blocks[i](hidden, *_repeat(call.args[1:], copies, self.rows), **kwargs)
         normed = self.norm(hidden, *_repeat(self.calls[n].args[1:], copies, self.rows))
         return self.unembed(normed if last is None else normed[:, -last:])
+
+    def past(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values ``[rows kv_head pos d_head]`` of every block in the base run (recorded once, by
+        replaying the base through a recording cache)."""
+        if self._past is None:
+            record = _Record()
+            hidden = self.calls[0].args[0]
+            with torch.no_grad():
+                for i, block in enumerate(self.blocks):
+                    call = self.calls[i]
+                    hidden = block(hidden, *call.args[1:], **{**call.kwargs, "past_key_values": record})
+            self._past = record.kv
+        return self._past
+
+
+class _Record:
+    """A stand-in cache that records each layer's keys and values and returns them unchanged."""
+
+    def __init__(self):
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.kv[layer_idx] = (key, value)
+        return key, value
+
+
+class _Past:
+    """A stand-in cache holding the base run's keys and values before position ``p`` (per copy)."""
+
+    def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], p: int, copies: int, rows: int):
+        self.kv, self.p, self.copies, self.rows = kv, p, copies, rows
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        k, v = (_repeat(t[:, :, :self.p], self.copies, self.rows) for t in self.kv[layer_idx])
+        return torch.cat([k, key], -2), torch.cat([v, value], -2)
+
+
+def _suffix_kwargs(kwargs: dict[str, Any], p: int, past: _Past, hidden: torch.Tensor) -> dict[str, Any]:
+    """Block keyword arguments for positions ``p..`` (Hugging Face conventions: rotary ``position_embeddings``
+    ``(cos, sin)`` ``[.. pos d]``, ``position_ids`` / ``cache_position`` ``[.. pos]``, a 4-D additive or
+    boolean ``attention_mask`` ``[batch 1 query key]`` or ``None`` for causal)."""
+    out = dict(kwargs)
+    if out.get("position_embeddings") is not None:
+        out["position_embeddings"] = tuple(t[..., p:, :] for t in out["position_embeddings"])
+    for key in ("position_ids", "cache_position"):
+        if isinstance(out.get(key), torch.Tensor):
+            out[key] = out[key][..., p:]
+    mask = out.get("attention_mask")
+    if mask is None:
+        total = p + hidden.shape[1]
+        allowed = torch.ones(total, total, dtype=torch.bool, device=hidden.device).tril()[p:]
+        mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+            ~allowed, torch.finfo(hidden.dtype).min)[None, None]
+    else:
+        mask = mask[:, :, p:, :]
+    out["attention_mask"] = mask
+    out["past_key_values"] = past
+    return out
+
+
+def _close(make, expected: torch.Tensor) -> bool:
+    try:
+        with torch.no_grad():
+            got = make()
+    except (RuntimeError, ValueError, IndexError, TypeError, AttributeError):
+        return False
+    return got.shape == expected.shape and bool(torch.allclose(got, expected, atol=1e-5, rtol=1e-5))
 
 
 def _pre(calls: dict[int, _Call], i: int):
