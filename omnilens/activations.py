@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +31,11 @@ from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from omnilens.executors.base import Read
+from omnilens.io import atomic_save_safetensors, atomic_write_json
 
 FORMAT = "omnilens.activations/1"
 MANIFEST = "manifest.json"
@@ -402,7 +402,7 @@ def stream(
                                  f"(existing {old.get(key)!r}, now {manifest[key]!r}); use another folder")
         manifest["shards"], manifest["complete"] = old["shards"], old["complete"]
     else:
-        _atomic_json(path, manifest)
+        atomic_write_json(path, manifest, sort_keys=True, default=str)
     n_batches = len(_batches(inputs, batch_size))
     first = len(manifest["shards"])
     stop = None if max_batches is None else first + max_batches
@@ -411,10 +411,10 @@ def stream(
         i = len(manifest["shards"])
         fname = f"shard_{i:05d}.safetensors"
         # no safetensors metadata: its key order is not deterministic, and resumed files must equal a full run's
-        atomic_write(out / fname, lambda tmp, t=tensors: save_file(t, tmp))
+        atomic_save_safetensors(out / fname, tensors)
         manifest["shards"].append({"file": fname, "start": a, "stop": b})
         manifest["complete"] = len(manifest["shards"]) == n_batches
-        _atomic_json(path, manifest)
+        atomic_write_json(path, manifest, sort_keys=True, default=str)
         if on_batch is not None:
             on_batch(i)
     return out
@@ -439,27 +439,3 @@ def load(out_dir: str | os.PathLike, sites: Sequence[str] | None = None) -> Acti
         tensors = load_file(Path(out_dir) / shard["file"])
         parts.append({k: v for k, v in tensors.items() if k.startswith("__") or k.split("|", 1)[0] in keep})
     return _assemble(parts, keep, m["pooling"], m["labels"], m["provenance"])
-
-
-# atomic files -----------------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write ``path`` through ``write(tmp_path)`` then rename, so readers never see a partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str))

@@ -75,9 +75,10 @@ def region(spec: HookSpec, shape: torch.Size, selectors: dict[str, Selector],
     return tuple(mesh)
 
 
-def _block(x: torch.Tensor, shape: torch.Size, mesh: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
-    """``x`` broadcast to ``shape`` and restricted to ``mesh``."""
-    x = x.expand(shape) if x.shape != shape else x
+def _block(x: torch.Tensor, act: torch.Tensor, mesh: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+    """``x`` moved to ``act``'s device and dtype, broadcast to its shape and restricted to ``mesh``."""
+    x = x.to(act.device, act.dtype)
+    x = x.expand(act.shape) if x.shape != act.shape else x
     return x if mesh is None else x[mesh]
 
 
@@ -136,7 +137,7 @@ class Patch(Intervention):
         return cls(site, cache[site], **selectors)
 
     def edit(self, block, act, mesh, spec):
-        return _block(self.source.to(act.device, act.dtype), act.shape, mesh)
+        return _block(self.source, act, mesh)
 
 
 @dataclass(frozen=True, eq=False)
@@ -173,7 +174,7 @@ class MeanAblate(Intervention):
         return cls(site, value.mean(axis, keepdim=True) if axis is not None else value, **selectors)
 
     def edit(self, block, act, mesh, spec):
-        return _block(self.mean.to(act.device, act.dtype), act.shape, mesh)
+        return _block(self.mean, act, mesh)
 
 
 @dataclass(frozen=True, eq=False)
@@ -188,7 +189,7 @@ class ResampleAblate(Intervention):
         gen = torch.Generator().manual_seed(self.seed)
         perm = torch.randperm(self.source.shape[axis], generator=gen)
         shuffled = self.source.index_select(axis, perm.to(self.source.device))
-        return _block(shuffled.to(act.device, act.dtype), act.shape, mesh)
+        return _block(shuffled, act, mesh)
 
 
 @dataclass(frozen=True, eq=False)

@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 from jaxtyping import Float
-from safetensors.torch import save_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-from omnilens.activations import ActivationDataset, atomic_write
+from omnilens.activations import ActivationDataset
+from omnilens.io import atomic_save_safetensors
 
 
 @dataclass
@@ -297,4 +297,4 @@ def save_directions(directions: dict[Any, torch.Tensor], path: str | os.PathLike
     """Write steering directions to a safetensors file (atomically); keys ``site`` or ``site|head``."""
     tensors = {(k if isinstance(k, str) else f"{k[0]}|{k[1]}"): v.detach().float().contiguous()
                for k, v in directions.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    atomic_save_safetensors(path, tensors)

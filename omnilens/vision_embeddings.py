@@ -19,18 +19,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from omnilens.errors import HookError
 from omnilens.inputs.vision import image_processor_for, pixel_inputs
+from omnilens.io import atomic_save_safetensors, atomic_write_json
 from omnilens.packed import Pooling, Segments, pool, replace_segment, split
 
 MANIFEST = "manifest.json"
@@ -40,18 +40,6 @@ MERGER = "vision.hook_merger"
 def config_hash(config: Any) -> str:
     """sha256 of the model config's JSON (identifies the model an embedding file came from)."""
     return hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def extract_vision_embeddings(
@@ -99,9 +87,9 @@ def extract_vision_embeddings(
             lens.adapter.encode_images(pix["pixel_values"], pix["image_grid_thw"])
         tensors = {n: _pool_site(cache[n], segments, pooling, merged=n == MERGER) for n in names}
         shard = f"shard-{k:05d}.safetensors"
-        _atomic_write(out / shard, lambda tmp, t=tensors: save_file(t, tmp))
+        atomic_save_safetensors(out / shard, tensors)
         manifest["shards"].append({"file": shard, "start": start, "stop": start + len(batch)})
-        _atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+        atomic_write_json(out / MANIFEST, manifest)
         bar.update(len(batch))
     bar.close()
     return out / MANIFEST

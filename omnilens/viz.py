@@ -11,6 +11,8 @@ from pathlib import Path
 import plotly.graph_objects as go
 import torch
 
+from omnilens.io import atomic_write
+
 X_AXES = ("pos", "query", "patch", "frame", "span", "key")
 PREFIX = {"layer": "L", "head": "H", "kv_head": "KV"}
 
@@ -83,9 +85,7 @@ def save(figure_or_result, path: str | os.PathLike, *, png: bool | None = None) 
     path = Path(path)
     html = path.with_suffix(".html")
     html.parent.mkdir(parents=True, exist_ok=True)
-    tmp = html.with_name(f".{html.name}.tmp")
-    fig.write_html(str(tmp), include_plotlyjs=True)
-    os.replace(tmp, html)
+    atomic_write(html, lambda tmp: fig.write_html(tmp, include_plotlyjs=True))
     written = [html]
     want_png = png_available() if png is None else png
     if want_png:

@@ -13,7 +13,6 @@ import omnilens
 from omnilens import activations as act
 from omnilens.inputs import vision_inputs
 from omnilens.testing import tiny_qwen2_vl, tiny_qwen3, tiny_tokenizer
-from test_probing import one_thread  # noqa: F401 (autouse fixture)
 
 TEXTS = [
     "the cat is happy",

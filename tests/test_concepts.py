@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_probing import one_thread, planted_lens, planted_texts  # noqa: F401 (autouse fixture)
+from test_probing import planted_lens, planted_texts
 
 from omnilens.activations import ActivationDataset
 from omnilens.concepts import (

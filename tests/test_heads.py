@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import randomise_norms
-from test_probing import one_thread, PLANTED_HEAD, planted_lens, planted_texts  # noqa: F401 (autouse fixture)
+from test_probing import PLANTED_HEAD, planted_lens, planted_texts
 
 import omnilens
 from omnilens import activations as act

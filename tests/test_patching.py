@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model
 
-import omnilens
-from omnilens.interventions import Patch, to_writes
+from omnilens.interventions import Patch
 from omnilens.patching import KLToClean, LogitDiff, LogitFn, LogProb, PatchingResult, Prob, Sweep, patch_exact
 from omnilens.patching.replay import TowerReplay
 
@@ -17,11 +15,6 @@ TOL = 1e-5
 N_LAYERS, N_HEADS, N_KV = 2, 4, 2
 CLEAN = "the cat is happy and the dog is sad"
 CORRUPT = "the dog is sad and the cat is happy"
-
-
-@pytest.fixture(scope="module")
-def lens(tokenizer):
-    return omnilens.load(make_model("dense"), tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +71,11 @@ CASES = [  # (sweep, hand site template, selectors, directions)
 
 
 @pytest.mark.parametrize("sweep,site,axes,directions", CASES, ids=lambda c: getattr(c, "site", None))
-def test_batched_equals_one_forward_per_cell(lens, pair, metric, sweep, site, axes, directions):
+def test_batched_equals_one_forward_per_cell(dense_lens, pair, metric, sweep, site, axes, directions):
     clean, corrupted = pair
     for direction in directions:
-        res = patch_exact(lens, clean, corrupted, metric, sweep, direction=direction, chunk_size=7)
-        ref = naive(lens, clean, corrupted, metric, site, axes, direction)
+        res = patch_exact(dense_lens, clean, corrupted, metric, sweep, direction=direction, chunk_size=7)
+        ref = naive(dense_lens, clean, corrupted, metric, site, axes, direction)
         assert res.raw.shape == ref.shape
         assert (res.raw - ref).abs().max() < TOL, (sweep, direction)
         assert res.raw.std() > 1e-3  # the sweep is not flat: the comparison can fail
@@ -90,33 +83,33 @@ def test_batched_equals_one_forward_per_cell(lens, pair, metric, sweep, site, ax
         assert res.axes == expected_axes and res.direction == direction
 
 
-def test_chunking_does_not_change_results(lens, pair, metric):
+def test_chunking_does_not_change_results(dense_lens, pair, metric):
     clean, corrupted = pair
     sweep = Sweep("hook_z", by=("layer", "head", "pos"))
-    one = patch_exact(lens, clean, corrupted, metric, sweep, chunk_size=1)
-    many = patch_exact(lens, clean, corrupted, metric, sweep, memory_budget=1 << 40)
+    one = patch_exact(dense_lens, clean, corrupted, metric, sweep, chunk_size=1)
+    many = patch_exact(dense_lens, clean, corrupted, metric, sweep, memory_budget=1 << 40)
     assert (one.raw - many.raw).abs().max() < TOL
     early = LogProb([3, 4], pos=-4)  # reads the last 4 positions: suffix replays must start before them
-    fast = patch_exact(lens, clean, corrupted, early, Sweep("hook_resid_mid"))
-    full = patch_exact(lens, clean, corrupted, early, Sweep("hook_resid_mid"), replay=False)
+    fast = patch_exact(dense_lens, clean, corrupted, early, Sweep("hook_resid_mid"))
+    full = patch_exact(dense_lens, clean, corrupted, early, Sweep("hook_resid_mid"), replay=False)
     assert (fast.raw - full.raw).abs().max() < TOL and fast.raw.std() > 1e-3
 
 
-def test_replay_and_noop_cells_save_forwards_without_changing_results(lens, tokenizer):
+def test_replay_and_noop_cells_save_forwards_without_changing_results(dense_lens, tokenizer):
     """Clean and corrupted differ only at the last token: every earlier (layer, pos) cell is a no-op, and
     the replay starts each chunk at its own block, so block 0 sees the three base runs, the one-row replay that
     records the base keys and values (for suffix replays), and one patched row."""
-    ids = lens.to_tokens(CLEAN)
+    ids = dense_lens.to_tokens(CLEAN)
     corrupted = ids.clone()
     corrupted[0, -1] = tokenizer.convert_tokens_to_ids("happy")
     rows = []
-    handle = lens.model.model.layers[0].register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    handle = dense_lens.model.model.layers[0].register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
     try:
         metric = LogProb(tokenizer.convert_tokens_to_ids("sad"))
-        fast = patch_exact(lens, ids, corrupted, metric, Sweep("hook_resid_pre"))
+        fast = patch_exact(dense_lens, ids, corrupted, metric, Sweep("hook_resid_pre"))
         assert sum(rows) == 5
         rows.clear()
-        full = patch_exact(lens, ids, corrupted, metric, Sweep("hook_resid_pre"), replay=False)
+        full = patch_exact(dense_lens, ids, corrupted, metric, Sweep("hook_resid_pre"), replay=False)
         assert sum(rows) == 2 + 2  # base runs + the two non-no-op cells, stacked in one full forward
     finally:
         handle.remove()
@@ -125,17 +118,17 @@ def test_replay_and_noop_cells_save_forwards_without_changing_results(lens, toke
     assert (fast.values[:, -1] - 1).abs().max() < 1e-4
 
 
-def test_suffix_replay_recomputes_only_positions_after_the_patch(lens, pair, tokenizer):
+def test_suffix_replay_recomputes_only_positions_after_the_patch(dense_lens, pair, tokenizer):
     """A replay from block ``start`` of positions ``p..`` (earlier positions attend through the base run's
     keys and values) reproduces the base logits there, on a padded two-row batch, feeding each block only
     ``pos - p`` positions; and patching with it equals full forwards when every cell is real work."""
     base = pair[1]
-    with TowerReplay.capture(lens, "", rows=2) as box:
-        logits = lens.run(base, use_cache=False).output.logits
+    with TowerReplay.capture(dense_lens, "", rows=2) as box:
+        logits = dense_lens.run(base, use_cache=False).output.logits
     replay = box[0]
     assert replay is not None and replay.verify(logits) and replay.suffixable
     seen = []
-    handle = lens.model.model.layers[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    handle = dense_lens.model.model.layers[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
     try:
         for start in (0, 1):
             for p in range(1, logits.shape[1]):
@@ -145,53 +138,53 @@ def test_suffix_replay_recomputes_only_positions_after_the_patch(lens, pair, tok
                 assert seen == [logits.shape[1] - p]
     finally:
         handle.remove()
-    ids = lens.to_tokens(CLEAN)
+    ids = dense_lens.to_tokens(CLEAN)
     corrupted = ids.clone()
     corrupted[0, 0] = tokenizer.convert_tokens_to_ids("a")
     metric = LogProb(tokenizer.convert_tokens_to_ids("sad"))
-    fast = patch_exact(lens, ids, corrupted, metric, Sweep("hook_resid_pre"))
-    full = patch_exact(lens, ids, corrupted, metric, Sweep("hook_resid_pre"), replay=False)
+    fast = patch_exact(dense_lens, ids, corrupted, metric, Sweep("hook_resid_pre"))
+    full = patch_exact(dense_lens, ids, corrupted, metric, Sweep("hook_resid_pre"), replay=False)
     assert (fast.raw - full.raw).abs().max() < TOL and fast.raw.std() > 1e-3
 
 
-def test_full_span_patch_recovers_clean_and_corrupted(lens, tokenizer):
-    seq = lens.to_tokens(CLEAN).shape[1]
+def test_full_span_patch_recovers_clean_and_corrupted(dense_lens, tokenizer):
+    seq = dense_lens.to_tokens(CLEAN).shape[1]
     sweep = Sweep("hook_resid_pre", spans={"all": range(seq), "first half": range(seq // 2)}, layers=[0])
     for metric in (LogProb(tokenizer.convert_tokens_to_ids("sad")), KLToClean(pos=None), KLToClean(),
                    Prob(tokenizer.convert_tokens_to_ids("happy"), pos=3)):
-        den = patch_exact(lens, CLEAN, CORRUPT, metric, sweep)
-        noi = patch_exact(lens, CLEAN, CORRUPT, metric, sweep, direction="noise")
+        den = patch_exact(dense_lens, CLEAN, CORRUPT, metric, sweep)
+        noi = patch_exact(dense_lens, CLEAN, CORRUPT, metric, sweep, direction="noise")
         assert den.axes == ("layer", "span") and den.labels["span"] == ("all", "first half")
         assert abs(float(den.values[0, 0]) - 1) < 1e-4 and abs(float(noi.values[0, 0])) < 1e-4
         assert abs(den.raw[0, 0] - den.clean) < TOL and abs(noi.raw[0, 0] - noi.corrupted) < TOL
     assert den.clean == 0.0 if isinstance(metric, KLToClean) else True
 
 
-def test_metrics_against_hand_computation(lens, tokenizer):
-    logits = lens.run(CLEAN).output.logits
+def test_metrics_against_hand_computation(dense_lens, tokenizer):
+    logits = dense_lens.run(CLEAN).output.logits
     a, b = tokenizer.convert_tokens_to_ids("sad"), tokenizer.convert_tokens_to_ids("happy")
     last = logits[0, -1]
     logp = last.log_softmax(-1)
     assert torch.allclose(LogitDiff(a, b)(logits), (last[a] - last[b]).reshape(1), atol=TOL)
     assert torch.allclose(LogProb(a)(logits), logp[a].reshape(1), atol=TOL)
     assert torch.allclose(Prob(b, pos=2)(logits), logits[0, 2].softmax(-1)[b].reshape(1), atol=TOL)
-    other = lens.run(CORRUPT).output.logits
+    other = dense_lens.run(CORRUPT).output.logits
     kl = KLToClean().bind(logits, other)(other)
     p, q = logits[0, -1].softmax(-1), other[0, -1].softmax(-1)
     assert torch.allclose(kl, (p * (p.log() - q.log())).sum().reshape(1), atol=TOL)
     stacked = torch.cat([other, logits, other])  # per-prompt data tiles over stacked copies
     assert torch.allclose(KLToClean().bind(logits, other)(stacked), torch.cat([kl, torch.zeros(1), kl]), atol=TOL)
     fn = LogitFn(lambda x: x[:, -1].max(-1).values, name="max_logit")
-    res = patch_exact(lens, CLEAN, CORRUPT, fn, Sweep("hook_mlp_out", layers=[1]))
+    res = patch_exact(dense_lens, CLEAN, CORRUPT, fn, Sweep("hook_mlp_out", layers=[1]))
     assert res.metric == "max_logit" and abs(res.clean - float(last.max())) < TOL
 
 
-def test_metric_of_the_whole_model_output(lens, tokenizer):
+def test_metric_of_the_whole_model_output(dense_lens, tokenizer):
     """``output="model"``: the metric receives the model's output object (e.g. Talker/codec outputs)."""
     sad = tokenizer.convert_tokens_to_ids("sad")
-    by_logits = patch_exact(lens, CLEAN, CORRUPT, LogitFn(lambda x: x[:, -1, sad]), Sweep("hook_attn_out"))
-    by_output = patch_exact(lens, CLEAN, CORRUPT, LogitFn(lambda out: out.logits[:, -1, sad]), Sweep("hook_attn_out"),
-                            output="model")
+    by_logits = patch_exact(dense_lens, CLEAN, CORRUPT, LogitFn(lambda x: x[:, -1, sad]), Sweep("hook_attn_out"))
+    by_output = patch_exact(dense_lens, CLEAN, CORRUPT, LogitFn(lambda out: out.logits[:, -1, sad]),
+                            Sweep("hook_attn_out"), output="model")
     assert (by_logits.raw - by_output.raw).abs().max() < TOL and by_logits.raw.std() > 1e-3
 
 
@@ -206,37 +199,37 @@ class Counter:
         self.n += 1
 
 
-def test_errors_before_any_forward(lens, metric):
-    counter = Counter(lens.model)
+def test_errors_before_any_forward(dense_lens, metric):
+    counter = Counter(dense_lens.model)
     try:
         with pytest.raises(ValueError, match="same shape.*input_ids.*\\(1, 3\\) vs \\(1, 4\\)"):
-            patch_exact(lens, "the cat sat", "the big cat sat", metric, Sweep("hook_resid_pre"))
+            patch_exact(dense_lens, "the cat sat", "the big cat sat", metric, Sweep("hook_resid_pre"))
         with pytest.raises(IndexError, match="layers \\[5\\] out of range"):
-            patch_exact(lens, CLEAN, CORRUPT, metric, Sweep("hook_resid_pre", layers=[5]))
+            patch_exact(dense_lens, CLEAN, CORRUPT, metric, Sweep("hook_resid_pre", layers=[5]))
         with pytest.raises(IndexError, match="span 'late' has positions \\[40\\]"):
-            patch_exact(lens, CLEAN, CORRUPT, metric, Sweep("hook_z", spans={"late": [2, 40]}))
+            patch_exact(dense_lens, CLEAN, CORRUPT, metric, Sweep("hook_z", spans={"late": [2, 40]}))
         with pytest.raises(ValueError, match="one value per batch row, shape \\(2,\\); got \\(\\)"):
-            patch_exact(lens, CLEAN, CORRUPT, lambda logits: logits[:, -1, 0].mean(), Sweep("hook_resid_pre"))
+            patch_exact(dense_lens, CLEAN, CORRUPT, lambda logits: logits[:, -1, 0].mean(), Sweep("hook_resid_pre"))
         with pytest.raises(ValueError, match="cannot sweep blocks.0.hook_resid_pre by 'head'"):
-            patch_exact(lens, CLEAN, CORRUPT, metric, Sweep("hook_resid_pre", by=("layer", "head")))
+            patch_exact(dense_lens, CLEAN, CORRUPT, metric, Sweep("hook_resid_pre", by=("layer", "head")))
         with pytest.raises(KeyError, match="no block site 'hook_zz'"):
-            patch_exact(lens, CLEAN, CORRUPT, metric, Sweep("hook_zz"))
+            patch_exact(dense_lens, CLEAN, CORRUPT, metric, Sweep("hook_zz"))
         with pytest.raises(KeyError, match="ambiguous.*ln1"):
-            patch_exact(lens, CLEAN, CORRUPT, metric, Sweep("hook_normalized"))
+            patch_exact(dense_lens, CLEAN, CORRUPT, metric, Sweep("hook_normalized"))
         with pytest.raises(ValueError, match="direction"):
-            patch_exact(lens, CLEAN, CORRUPT, metric, Sweep("hook_resid_pre"), direction="sideways")
+            patch_exact(dense_lens, CLEAN, CORRUPT, metric, Sweep("hook_resid_pre"), direction="sideways")
         assert counter.n == 0
         with pytest.raises(ValueError, match="normalisation is undefined"):
-            patch_exact(lens, CLEAN, CLEAN, LogProb(3), Sweep("hook_resid_pre"))
+            patch_exact(dense_lens, CLEAN, CLEAN, LogProb(3), Sweep("hook_resid_pre"))
         assert counter.n == 2  # the two base runs, no patched forward
     finally:
         counter.handle.remove()
 
 
-def test_result_labels_top_aggregate_save_load(lens, tokenizer, tmp_path):
+def test_result_labels_top_aggregate_save_load(dense_lens, tokenizer, tmp_path):
     metric = LogProb(tokenizer.convert_tokens_to_ids("sad"))
-    res = patch_exact(lens, CLEAN, CORRUPT, metric, Sweep("hook_z", by=("layer", "head", "pos")))
-    toks = lens.to_str_tokens(CLEAN)
+    res = patch_exact(dense_lens, CLEAN, CORRUPT, metric, Sweep("hook_z", by=("layer", "head", "pos")))
+    toks = dense_lens.to_str_tokens(CLEAN)
     assert res.labels["pos"] == tuple(f"{i}:{t}" for i, t in enumerate(toks))
     assert res.labels["layer"] == ("0", "1") and res.labels["head"] == ("0", "1", "2", "3")
     assert res.sites == ("blocks.0.attn.hook_z", "blocks.1.attn.hook_z")

@@ -7,26 +7,13 @@ from __future__ import annotations
 import pytest
 import scipy.stats
 import torch
-from conftest import make_model
+from conftest import CLEAN_PAIR, CORRUPT_PAIR
 
 import omnilens
 from omnilens.interventions import Patch
-from omnilens.patching import LogitDiff, Sweep, patch_attribution, patch_exact, rank_correlation
+from omnilens.patching import Sweep, patch_attribution, patch_exact, rank_correlation
 
 TOL = 1e-5
-CLEAN = ["the cat is happy and sad", "a red bird is in the"]
-CORRUPT = ["the dog is sad and happy", "a blue fish is in the"]
-
-
-@pytest.fixture(scope="module")
-def lens(tokenizer):
-    return omnilens.load(make_model("dense"), tokenizer=tokenizer)
-
-
-@pytest.fixture(scope="module")
-def metric(tokenizer):
-    ids = tokenizer.convert_tokens_to_ids
-    return LogitDiff([ids("happy"), ids("house")], [ids("sad"), ids("tree")])
 
 
 def hand_grads(lens, text, metric, module, port: str):
@@ -61,40 +48,41 @@ def hand_grads(lens, text, metric, module, port: str):
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_atp_resid_pre_equals_hand_first_order(lens, metric, direction):
-    source, base = (CLEAN, CORRUPT) if direction == "denoise" else (CORRUPT, CLEAN)
-    acts_b, grads, m_base = hand_grads(lens, base, metric, lambda layer: layer, "input")
-    acts_s, _, _ = hand_grads(lens, source, metric, lambda layer: layer, "input")
+def test_atp_resid_pre_equals_hand_first_order(dense_lens, swap_metric, direction):
+    source, base = (CLEAN_PAIR, CORRUPT_PAIR) if direction == "denoise" else (CORRUPT_PAIR, CLEAN_PAIR)
+    acts_b, grads, m_base = hand_grads(dense_lens, base, swap_metric, lambda layer: layer, "input")
+    acts_s, _, _ = hand_grads(dense_lens, source, swap_metric, lambda layer: layer, "input")
     expected = torch.stack([((s - b) * g).sum((0, 2)) for s, b, g in zip(acts_s, acts_b, grads)])  # [layer pos]
-    res = patch_attribution(lens, CLEAN, CORRUPT, metric, Sweep("hook_resid_pre"), direction=direction)
+    res = patch_attribution(dense_lens, CLEAN_PAIR, CORRUPT_PAIR, swap_metric, Sweep("hook_resid_pre"),
+                            direction=direction)
     assert res.method == "atp" and res.axes == ("layer", "pos")
     assert ((res.raw - m_base) - expected).abs().max() < TOL
     assert expected.abs().max() > 1e-2
 
 
-def test_atp_heads_and_attn_out_equal_hand_first_order(lens, metric):
-    z_b, z_g, m_base = hand_grads(lens, CORRUPT, metric, lambda layer: layer.self_attn.o_proj, "input")
-    z_s, _, _ = hand_grads(lens, CLEAN, metric, lambda layer: layer.self_attn.o_proj, "input")
+def test_atp_heads_and_attn_out_equal_hand_first_order(dense_lens, swap_metric):
+    z_b, z_g, m_base = hand_grads(dense_lens, CORRUPT_PAIR, swap_metric, lambda layer: layer.self_attn.o_proj, "input")
+    z_s, _, _ = hand_grads(dense_lens, CLEAN_PAIR, swap_metric, lambda layer: layer.self_attn.o_proj, "input")
     heads = lambda t: t.view(*t.shape[:-1], 4, 16)  # noqa: E731  [batch pos head d_head]
     per = torch.stack([((heads(s) - heads(b)) * heads(g)).sum((0, 3)) for s, b, g in zip(z_s, z_b, z_g)])
-    a_b, a_g, _ = hand_grads(lens, CORRUPT, metric, lambda layer: layer.self_attn, "output")
-    a_s, _, _ = hand_grads(lens, CLEAN, metric, lambda layer: layer.self_attn, "output")
+    a_b, a_g, _ = hand_grads(dense_lens, CORRUPT_PAIR, swap_metric, lambda layer: layer.self_attn, "output")
+    a_s, _, _ = hand_grads(dense_lens, CLEAN_PAIR, swap_metric, lambda layer: layer.self_attn, "output")
     attn = torch.stack([((s - b) * g).sum((0, 2)) for s, b, g in zip(a_s, a_b, a_g)])
-    by_pos, by_head, attn_out = patch_attribution(lens, CLEAN, CORRUPT, metric, [
+    by_pos, by_head, attn_out = patch_attribution(dense_lens, CLEAN_PAIR, CORRUPT_PAIR, swap_metric, [
         Sweep("hook_z", by=("layer", "pos", "head")), Sweep("hook_z", by=("layer", "head")), Sweep("hook_attn_out")])
     assert ((by_pos.raw - m_base) - per).abs().max() < TOL
     assert ((by_head.raw - m_base) - per.sum(1)).abs().max() < TOL
     assert ((attn_out.raw - m_base) - attn).abs().max() < TOL
 
 
-def test_atp_star_equals_real_pattern_change_times_pattern_gradient(lens, metric):
+def test_atp_star_equals_real_pattern_change_times_pattern_gradient(dense_lens, swap_metric):
     patterns = [f"blocks.{i}.attn.hook_pattern" for i in range(2)]
-    out, base = lens.run_with_cache(CORRUPT, patterns, grad=True, to=None)
-    value = metric(out).mean()
+    out, base = dense_lens.run_with_cache(CORRUPT_PAIR, patterns, grad=True, to=None)
+    value = swap_metric(out).mean()
     grads = torch.autograd.grad(value, [base[p] for p in patterns])
-    _, clean = lens.run_with_cache(CLEAN, ["blocks.0.attn.hook_q", "blocks.1.attn.hook_q",
+    _, clean = dense_lens.run_with_cache(CLEAN_PAIR, ["blocks.0.attn.hook_q", "blocks.1.attn.hook_q",
                                            "blocks.0.attn.hook_k", "blocks.1.attn.hook_k"])
-    q_star, k_star = patch_attribution(lens, CLEAN, CORRUPT, metric, [
+    q_star, k_star = patch_attribution(dense_lens, CLEAN_PAIR, CORRUPT_PAIR, swap_metric, [
         Sweep("hook_q", by=("layer", "head", "pos")), Sweep("hook_k", by=("layer", "head"))], star=True)
     assert q_star.method == k_star.method == "atp*"
     for res, site, axis in ((q_star, "hook_q", "head"), (k_star, "hook_k", "kv_head")):
@@ -102,21 +90,21 @@ def test_atp_star_equals_real_pattern_change_times_pattern_gradient(lens, metric
             layer, rest = cell[0], cell[1:]
             sel = {axis: rest[0]} | ({"pos": rest[1]} if len(rest) > 1 else {})
             name = f"blocks.{layer}.attn.{site}"
-            res_run = lens.run(CORRUPT, [omnilens.Read(patterns[layer])],
+            res_run = dense_lens.run(CORRUPT_PAIR, [omnilens.Read(patterns[layer])],
                                Patch.from_cache(clean, name, **sel).writes())
             new = res_run.values[patterns[layer]][0]
             expected = float(((new - base[patterns[layer]].detach()) * grads[layer]).sum())
             assert abs(float(res.raw[tuple(cell)]) - float(value.detach()) - expected) < TOL, (site, cell)
 
 
-def test_rank_correlation_with_exact_is_reported(lens, metric, capsys):
+def test_rank_correlation_with_exact_is_reported(dense_lens, swap_metric, capsys):
     sweeps = [Sweep("hook_resid_pre"), Sweep("hook_attn_out"), Sweep("hook_mlp_out"),
               Sweep("hook_z", by=("layer", "head", "pos")), Sweep("hook_v", by=("layer", "head", "pos")),
               Sweep("hook_pattern", by=("layer", "head", "pos")), Sweep("hook_q", by=("layer", "head", "pos")),
               Sweep("hook_k", by=("layer", "head", "pos"))]
-    exact = patch_exact(lens, CLEAN, CORRUPT, metric, sweeps)
-    atp = patch_attribution(lens, CLEAN, CORRUPT, metric, sweeps)
-    star = patch_attribution(lens, CLEAN, CORRUPT, metric, sweeps[-2:], star=True)
+    exact = patch_exact(dense_lens, CLEAN_PAIR, CORRUPT_PAIR, swap_metric, sweeps)
+    atp = patch_attribution(dense_lens, CLEAN_PAIR, CORRUPT_PAIR, swap_metric, sweeps)
+    star = patch_attribution(dense_lens, CLEAN_PAIR, CORRUPT_PAIR, swap_metric, sweeps[-2:], star=True)
     lines, corr = [], {}
     for e, a in zip(exact, atp):
         rho = corr[e.sites[0]] = rank_correlation(a.values, e.values)
@@ -134,8 +122,8 @@ def test_rank_correlation_with_exact_is_reported(lens, metric, capsys):
     assert corr["blocks.0.attn.hook_v"] > 0.9 and corr["blocks.0.attn.hook_pattern"] > 0.9
 
 
-def test_atp_errors_before_any_forward(lens, metric):
+def test_atp_errors_before_any_forward(dense_lens, swap_metric):
     with pytest.raises(ValueError, match="same shape"):
-        patch_attribution(lens, "the cat", "the big cat", metric, Sweep("hook_resid_pre"))
+        patch_attribution(dense_lens, "the cat", "the big cat", swap_metric, Sweep("hook_resid_pre"))
     with pytest.raises(ValueError, match="one value per batch row"):
-        patch_attribution(lens, CLEAN, CORRUPT, lambda logits: logits.sum(), Sweep("hook_resid_pre"))
+        patch_attribution(dense_lens, CLEAN_PAIR, CORRUPT_PAIR, lambda logits: logits.sum(), Sweep("hook_resid_pre"))

@@ -8,35 +8,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import picture
 
-import omnilens
 from omnilens.inputs.omni import omni_inputs
 from omnilens.inputs.vision import vision_inputs
 from omnilens.interventions import Patch
 from omnilens.patching import KLToClean, LogitDiff, Sweep, patch_attribution, patch_exact
-from omnilens.testing import (tiny_omni_feature_extractor, tiny_omni_thinker, tiny_omni_tokenizer, tiny_qwen2_vl,
-                              tiny_tokenizer)
+from omnilens.testing import tiny_omni_feature_extractor
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls run far faster on one thread when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def randomise(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Norm weights/biases with spread (they initialise to ones/zeros), in place."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ("norm" in name or "ln_" in name) and p.dim() == 1:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.3 * torch.randn(p.shape, generator=gen))
-    return model
 
 
 def naive(lens, clean, corrupted, metric, sites: list[str], spans: dict[str, list[int]]) -> torch.Tensor:
@@ -54,13 +34,10 @@ def naive(lens, clean, corrupted, metric, sites: list[str], spans: dict[str, lis
 # --- Qwen2-VL: image tokens ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def vl():
-    tok = tiny_tokenizer()
-    lens = omnilens.load(randomise(tiny_qwen2_vl()), tokenizer=tok)
-    img = lambda seed: np.random.RandomState(seed).randint(0, 256, (8, 8, 3), dtype=np.uint8)  # noqa: E731
-    prompt = "<image> what colour is the cat ?"
-    clean = vision_inputs(tok, [img(0)], prompt, config=lens.config)
-    corrupted = vision_inputs(tok, [img(1)], prompt, config=lens.config)
+def vl(vl_lens, tokenizer):
+    lens, prompt = vl_lens, "<image> what colour is the cat ?"
+    clean = vision_inputs(tokenizer, [picture(8, 8, 0)], prompt, config=lens.config)
+    corrupted = vision_inputs(tokenizer, [picture(8, 8, 1)], prompt, config=lens.config)
     span = clean.image_spans[0]
     n = clean["input_ids"].shape[1]
     spans = {"image": list(range(span.start, span.stop)),
@@ -97,9 +74,8 @@ def test_vision_blocks_by_patch_spans(vl):
 # --- Qwen3-Omni Thinker: audio tokens ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def omni():
-    tok, fe = tiny_omni_tokenizer(), tiny_omni_feature_extractor()
-    lens = omnilens.load(randomise(tiny_omni_thinker()), tokenizer=tok)
+def omni(thinker_lens, omni_tok):
+    lens, tok, fe = thinker_lens, omni_tok, tiny_omni_feature_extractor()
     t = np.arange(16000) / 16000
     loud = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
     quiet = (0.05 * np.random.RandomState(1).randn(16000)).astype(np.float32)

@@ -22,15 +22,6 @@ FILLER = ("the a cat dog bird fish tree house car road city river sea sky sun mo
 PLANTED_HEAD = (0, 2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls run much faster on one thread when the cores are shared (OpenMP spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def planted_lens(alpha: float = 2.0, beta: float = 1.0, seed: int = 0):
     """A tiny Qwen3 (4 heads, 4 kv heads) whose label ("happy" vs "sad") is carried by a known direction.
 

@@ -7,66 +7,26 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_same_values, hook_counts, picture, rotate_half
 
-import omnilens
 from omnilens import HookError
 from omnilens.executors.base import Read, Write
 from omnilens.inputs import vision_inputs
 from omnilens.packed import Segments, pad_segments, per_image, to_grid
-from omnilens.testing import tiny_qwen2_vl, tiny_tokenizer
 
 ATOL = 1e-5
 PROMPT = "<image> and <image> what colour is the cat ?"
 
 
-def randomise(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Give norm weights/biases spread (they initialise to ones/zeros), in place."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ("norm" in name or "ln_q" in name) and p.dim() == 1:
-                base = 1.0 if name.endswith("weight") else 0.0
-                p.copy_(base + 0.3 * torch.randn(p.shape, generator=gen))
-    return model
-
-
-def image(h: int, w: int, seed: int) -> np.ndarray:
-    return np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls run ~100x faster on one thread when the cores are shared (OpenMP spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def lens(tok):
-    return omnilens.load(randomise(tiny_qwen2_vl()), tokenizer=tok)
-
-
-@pytest.fixture(scope="module")
-def vi(lens, tok):
+def vi(vl_lens, tokenizer):
     """Two images of different sizes: 16x12 px (8x6 patches, 12 tokens) and 8x8 px (4x4 patches, 4 tokens)."""
-    return vision_inputs(tok, [image(16, 12, 0), image(8, 8, 1)], PROMPT, config=lens.config)
+    return vision_inputs(tokenizer, [picture(16, 12, 0), picture(8, 8, 1)], PROMPT, config=vl_lens.config)
 
 
 # ---------------------------------------------------------------------------------------------
 # an independent packed vision forward, from the weights
 # ---------------------------------------------------------------------------------------------
-def rotate_half(x):
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
 def vision_rope(grid: torch.Tensor, merge: int, d_head: int, theta: float = 10000.0):
     """cos/sin ``[patch d_head]``: 2-D rotary angles of each patch in block-major order."""
     inv = 1.0 / theta ** (torch.arange(0, d_head // 2, 2, dtype=torch.float) / (d_head // 2))
@@ -129,8 +89,8 @@ def reference_vision(model, pixel_values, grid) -> dict[str, object]:
     return out
 
 
-def test_graph_towers_and_forward_order(lens):
-    g = lens.graph
+def test_graph_towers_and_forward_order(vl_lens):
+    g = vl_lens.graph
     assert g.towers == ["", "vision"] and g.n_layers("vision") == 2 and g.n_layers() == 2
     names = g.names()
     assert names.index("hook_embed") < names.index("vision.hook_patch_embed") < names.index("vision.hook_merger")
@@ -140,11 +100,11 @@ def test_graph_towers_and_forward_order(lens):
     assert g["blocks.0.attn.hook_k"].axes == "batch pos kv_head d_head"
 
 
-def test_every_vision_site_matches_hand_written_forward(lens, vi):
-    _, cache = lens.run_with_cache(vi, "vision.*")
+def test_every_vision_site_matches_hand_written_forward(vl_lens, vi):
+    _, cache = vl_lens.run_with_cache(vi, "vision.*")
     with torch.no_grad():
-        ref = reference_vision(lens.model, vi["pixel_values"], vi["image_grid_thw"])
-    vision_sites = lens.graph.names("vision.*")
+        ref = reference_vision(vl_lens.model, vi["pixel_values"], vi["image_grid_thw"])
+    vision_sites = vl_lens.graph.names("vision.*")
     assert set(ref) == set(vision_sites)
     for name in vision_sites:
         got = cache.steps(name) if isinstance(ref[name], list) else [cache[name]]
@@ -154,23 +114,23 @@ def test_every_vision_site_matches_hand_written_forward(lens, vi):
             assert g.shape == w.shape, (name, g.shape, w.shape)
             torch.testing.assert_close(g, w, atol=ATOL, rtol=0, msg=name)
     # opt-in per-head result: z_h @ W_h^T, summing (plus the bias) to the attention output
-    _, res = lens.run_with_cache(vi, "vision.blocks.1.attn.hook_result")
+    _, res = vl_lens.run_with_cache(vi, "vision.blocks.1.attn.hook_result")
     result = res["vision.blocks.1.attn.hook_result"]
-    proj = lens.model.model.visual.blocks[1].attn.proj
+    proj = vl_lens.model.model.visual.blocks[1].attn.proj
     w = proj.weight.view(32, 4, 8)
     want = torch.einsum("phd,mhd->phm", ref["vision.blocks.1.attn.hook_z"], w)
     torch.testing.assert_close(result, want, atol=ATOL, rtol=0)
     torch.testing.assert_close(result.sum(1) + proj.bias, ref["vision.blocks.1.hook_attn_out"], atol=ATOL, rtol=0)
 
 
-def test_language_sites_match_hf_hidden_states(lens, vi):
-    logits, cache = lens.run_with_cache(vi, ["blocks.*.hook_resid_*", "ln_final.hook_normalized", "hook_logits"])
+def test_language_sites_match_hf_hidden_states(vl_lens, vi):
+    logits, cache = vl_lens.run_with_cache(vi, ["blocks.*.hook_resid_*", "ln_final.hook_normalized", "hook_logits"])
     with torch.no_grad():
-        lens.model.set_attn_implementation("eager")
+        vl_lens.model.set_attn_implementation("eager")
         try:
-            hf = lens.model(**vi.inputs, output_hidden_states=True)
+            hf = vl_lens.model(**vi.inputs, output_hidden_states=True)
         finally:
-            lens.model.set_attn_implementation("sdpa")
+            vl_lens.model.set_attn_implementation("sdpa")
     hs = hf.hidden_states
     torch.testing.assert_close(cache["blocks.0.hook_resid_pre"], hs[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(cache["blocks.0.hook_resid_post"], hs[1], atol=ATOL, rtol=0)
@@ -178,7 +138,7 @@ def test_language_sites_match_hf_hidden_states(lens, vi):
     torch.testing.assert_close(cache["ln_final.hook_normalized"], hs[2], atol=ATOL, rtol=0)
     torch.testing.assert_close(logits, hf.logits, atol=ATOL, rtol=0)
     # the merged tokens are exactly what enters the residual stream at each image's token span
-    _, vcache = lens.run_with_cache(vi, ["vision.hook_merger", "blocks.0.hook_resid_pre"])
+    _, vcache = vl_lens.run_with_cache(vi, ["vision.hook_merger", "blocks.0.hook_resid_pre"])
     merged = per_image(vcache, "vision.hook_merger")
     for i, span in enumerate(vi.image_spans):
         assert torch.equal(vcache["blocks.0.hook_resid_pre"][0, span], merged[i])
@@ -208,13 +168,13 @@ def mrope_positions(vi, merge: int) -> torch.Tensor:
     return pos
 
 
-def test_language_rotated_queries_are_mrope_and_pattern_causal(lens, vi):
+def test_language_rotated_queries_are_mrope_and_pattern_causal(vl_lens, vi):
     names = [f"blocks.0.attn.{h}" for h in ("hook_q", "hook_rot_q", "hook_k", "hook_rot_k", "hook_pattern")]
-    _, cache = lens.run_with_cache(vi, names)
+    _, cache = vl_lens.run_with_cache(vi, names)
     q, rq, k, rk, pat = (cache[n] for n in names)
-    tc = lens.config.text_config
+    tc = vl_lens.config.text_config
     d_head = tc.hidden_size // tc.num_attention_heads
-    pos = mrope_positions(vi, lens.config.vision_config.spatial_merge_size).float()
+    pos = mrope_positions(vi, vl_lens.config.vision_config.spatial_merge_size).float()
     inv = 1.0 / tc.rope_parameters["rope_theta"] ** (torch.arange(0, d_head, 2, dtype=torch.float) / d_head)
     freqs = pos[:, :, None] * inv  # [3 pos d_head/2]
     bounds = np.cumsum([0] + list(tc.rope_parameters["mrope_section"]))
@@ -232,8 +192,8 @@ def test_language_rotated_queries_are_mrope_and_pattern_causal(lens, vi):
 # ---------------------------------------------------------------------------------------------
 # packed segments
 # ---------------------------------------------------------------------------------------------
-def test_cache_meta_carries_segments_and_split_is_per_image(lens, vi):
-    _, cache = lens.run_with_cache(vi, ["vision.hook_patch_embed", "vision.blocks.1.hook_resid_post",
+def test_cache_meta_carries_segments_and_split_is_per_image(vl_lens, vi):
+    _, cache = vl_lens.run_with_cache(vi, ["vision.hook_patch_embed", "vision.blocks.1.hook_resid_post",
                                         "vision.hook_merger", "vision.blocks.0.attn.hook_pattern"])
     assert cache.meta["segments"] == {"patch": [(0, 48), (48, 64)], "merged": [(0, 12), (12, 16)]}
     assert cache.meta["vision"]["grid_thw"] == [[1, 8, 6], [1, 4, 4]]
@@ -246,21 +206,21 @@ def test_cache_meta_carries_segments_and_split_is_per_image(lens, vi):
     padded = pad_segments(pats)
     assert padded.shape == (2, 4, 48, 48) and torch.all(padded[1, :, 16:] == 0) and torch.all(padded[1, :, :, 16:] == 0)
     # each image's tower run alone gives the same activations as its segment of the packed run
-    for i, img in enumerate([image(16, 12, 0), image(8, 8, 1)]):
-        alone = vision_inputs(lens.tokenizer, [img], "", config=lens.config)
-        _, c1 = lens.run_with_cache(alone, ["vision.blocks.1.hook_resid_post", "vision.hook_merger"])
+    for i, img in enumerate([picture(16, 12, 0), picture(8, 8, 1)]):
+        alone = vision_inputs(vl_lens.tokenizer, [img], "", config=vl_lens.config)
+        _, c1 = vl_lens.run_with_cache(alone, ["vision.blocks.1.hook_resid_post", "vision.hook_merger"])
         torch.testing.assert_close(c1["vision.blocks.1.hook_resid_post"], parts[i], atol=ATOL, rtol=0)
         torch.testing.assert_close(c1["vision.hook_merger"], per_image(cache, "vision.hook_merger")[i], atol=ATOL, rtol=0)
 
 
-def test_to_grid_restores_raster_patch_order(lens, tok):
+def test_to_grid_restores_raster_patch_order(vl_lens, tokenizer):
     """Pixels coded by their patch's raster index come back in raster order after ``to_grid``."""
-    h, w, p = 8, 6, lens.config.vision_config.patch_size
+    h, w, p = 8, 6, vl_lens.config.vision_config.patch_size
     img = np.zeros((h * p, w * p, 3), dtype=np.uint8)
     for y in range(h * p):
         for x in range(w * p):
             img[y, x] = (y // p) * w + x // p
-    vi1 = vision_inputs(tok, [img], "", config=lens.config)
+    vi1 = vision_inputs(tokenizer, [img], "", config=vl_lens.config)
     seg = vi1.segments
     assert seg.grid_thw == ((1, h, w),)
     grid = to_grid(vi1["pixel_values"], seg.grid_thw[0], seg.merge_size)
@@ -270,18 +230,18 @@ def test_to_grid_restores_raster_patch_order(lens, tok):
     assert merged.shape == (1, 4, 3) and merged[0, 1, 2] == 5
 
 
-def test_patching_image_a_leaves_image_b_unchanged(lens, vi):
+def test_patching_image_a_leaves_image_b_unchanged(vl_lens, vi):
     seg = vi.segments
     a, b = seg.span(0, "patch"), seg.span(1, "patch")
     names = ["vision.blocks.1.hook_resid_post", "vision.blocks.1.attn.hook_pattern", "vision.blocks.1.attn.hook_rot_q"]
-    _, clean = lens.run_with_cache(vi, names)
+    _, clean = vl_lens.run_with_cache(vi, names)
 
     def perturb_a(act, spec):
         out = act.clone()
         out[a] += torch.randn_like(out[a], generator=torch.Generator().manual_seed(0))
         return out
 
-    _, patched = lens.run_with_cache(vi, names, hooks=[("vision.blocks.0.hook_resid_post", perturb_a)])
+    _, patched = vl_lens.run_with_cache(vi, names, hooks=[("vision.blocks.0.hook_resid_post", perturb_a)])
     r0, r1 = clean[names[0]], patched[names[0]]
     assert torch.equal(r0[b], r1[b])
     assert (r0[a] - r1[a]).abs().max() > 1e-2
@@ -293,37 +253,32 @@ def test_patching_image_a_leaves_image_b_unchanged(lens, vi):
 # ---------------------------------------------------------------------------------------------
 # writes, executors
 # ---------------------------------------------------------------------------------------------
-def hook_count(model: torch.nn.Module) -> int:
-    """Forward hooks and pre-hooks on any module (Hugging Face's output capture adds permanent ones)."""
-    return sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in model.modules())
-
-
-def test_identity_writes_leave_logits_bit_identical(lens, vi):
-    names = lens.graph.names()
-    before = hook_count(lens.model)
-    base = lens.run_with_hooks(vi, [(n, lambda a, s: None) for n in names])
-    same = lens.run_with_hooks(vi, [(n, lambda a, s: a.clone()) for n in names])
+def test_identity_writes_leave_logits_bit_identical(vl_lens, vi):
+    names = vl_lens.graph.names()
+    before = hook_counts(vl_lens.model)
+    base = vl_lens.run_with_hooks(vi, [(n, lambda a, s: None) for n in names])
+    same = vl_lens.run_with_hooks(vi, [(n, lambda a, s: a.clone()) for n in names])
     assert torch.equal(base, same)
-    assert hook_count(lens.model) == before
+    assert hook_counts(vl_lens.model) == before
 
 
-def test_rot_q_write_reaches_only_that_image(lens, vi):
+def test_rot_q_write_reaches_only_that_image(vl_lens, vi):
     """A write to one image's rotated queries changes that image's attention output only."""
     site = "vision.blocks.0.attn.hook_rot_q"
-    _, clean = lens.run_with_cache(vi, ["vision.blocks.0.attn.hook_z", site])  # eager attention, as the writes
-    _, patched = lens.run_with_cache(vi, "vision.blocks.0.attn.hook_z",
+    _, clean = vl_lens.run_with_cache(vi, ["vision.blocks.0.attn.hook_z", site])  # eager attention, as the writes
+    _, patched = vl_lens.run_with_cache(vi, "vision.blocks.0.attn.hook_z",
                                      hooks=[(site, lambda a, s: a * 2.0)])
     seg = vi.segments
     z0, z1 = clean["vision.blocks.0.attn.hook_z"], patched["vision.blocks.0.attn.hook_z"]
     assert not torch.equal(z0[seg.span(0)], z1[seg.span(0)]) and not torch.equal(z0[seg.span(1)], z1[seg.span(1)])
     only_first = [Write(site, lambda a, s: a * 2.0, steps=[0])]
-    res = lens.run(vi, [Read("vision.blocks.0.attn.hook_z")], only_first)
+    res = vl_lens.run(vi, [Read("vision.blocks.0.attn.hook_z")], only_first)
     z2 = res.values["vision.blocks.0.attn.hook_z"][0]
     assert torch.equal(z2[seg.span(1)], z0[seg.span(1)]) and torch.equal(z2[seg.span(0)], z1[seg.span(0)])
 
 
-def test_fused_qkv_write_edits_one_head_of_v(lens, vi):
-    _, clean = lens.run_with_cache(vi, ["vision.blocks.0.attn.hook_q", "vision.blocks.0.attn.hook_v",
+def test_fused_qkv_write_edits_one_head_of_v(vl_lens, vi):
+    _, clean = vl_lens.run_with_cache(vi, ["vision.blocks.0.attn.hook_q", "vision.blocks.0.attn.hook_v",
                                         "vision.blocks.0.attn.hook_z"])
 
     def zero_head(act, spec):
@@ -331,7 +286,7 @@ def test_fused_qkv_write_edits_one_head_of_v(lens, vi):
         out[:, 2] = 0
         return out
 
-    _, p = lens.run_with_cache(vi, ["vision.blocks.0.attn.hook_q", "vision.blocks.0.attn.hook_v",
+    _, p = vl_lens.run_with_cache(vi, ["vision.blocks.0.attn.hook_q", "vision.blocks.0.attn.hook_v",
                                     "vision.blocks.0.attn.hook_z"], hooks=[("vision.blocks.0.attn.hook_v", zero_head)])
     assert torch.equal(p["vision.blocks.0.attn.hook_q"], clean["vision.blocks.0.attn.hook_q"])
     assert torch.all(p["vision.blocks.0.attn.hook_v"][:, 2] == 0)
@@ -339,18 +294,19 @@ def test_fused_qkv_write_edits_one_head_of_v(lens, vi):
     assert torch.all(z[:, 2] == 0) and torch.equal(z[:, :2], clean["vision.blocks.0.attn.hook_z"][:, :2])
 
 
-def test_nnsight_executor_matches_local(lens, vi):
-    names = [n for n in lens.graph.names() if "attention_points" not in lens.graph[n].requires]
-    l0, c0 = lens.run_with_cache(vi, names)
-    l1, c1 = lens.run_with_cache(vi, names, executor="nnsight")
+def test_nnsight_executor_matches_local(vl_lens, vi):
+    names = [n for n in vl_lens.graph.names() if "attention_points" not in vl_lens.graph[n].requires]
+    l0, c0 = vl_lens.run_with_cache(vi, names)
+    l1, c1 = vl_lens.run_with_cache(vi, names, executor="nnsight")
     assert torch.equal(l0, l1)
     for n in names:
         assert torch.equal(c0[n], c1[n]), n
 
 
-def test_nnsight_remote_simulation_matches_local_with_writes(lens, vi):
+def test_nnsight_remote_simulation_matches_local_with_writes(vl_lens, vi):
     seg = vi.segments
-    other = torch.randn(seg.n_merged[1], lens.config.text_config.hidden_size, generator=torch.Generator().manual_seed(3))
+    other = torch.randn(seg.n_merged[1], vl_lens.config.text_config.hidden_size,
+                        generator=torch.Generator().manual_seed(3))
 
     def swap_b(act, spec):
         out = act.clone()
@@ -359,21 +315,21 @@ def test_nnsight_remote_simulation_matches_local_with_writes(lens, vi):
 
     reads = [Read(n) for n in ["vision.blocks.1.hook_resid_post", "vision.hook_merger", "blocks.1.hook_resid_post"]]
     writes = [Write("vision.hook_merger", swap_b)]
-    local = lens.run(vi, reads, writes)
-    ex = lens.executor("nnsight", remote="local")
+    local = vl_lens.run(vi, reads, writes)
+    ex = vl_lens.executor("nnsight", remote="local")
     with torch.no_grad():
-        remote = ex.run(lens.to_inputs(vi), reads, writes)
+        remote = ex.run(vl_lens.to_inputs(vi), reads, writes)
     assert torch.equal(local.output.logits, remote.output.logits)
     for r in reads:
         assert torch.equal(local.values[r.name][0], remote.values[r.name][0]), r.name
 
 
-def test_nnsight_attention_points_match_local_on_one_image(lens, tok):
-    one = vision_inputs(tok, [image(8, 8, 1)], "what colour ?", config=lens.config)
-    names = lens.graph.names(["vision.blocks.*.attn.hook_pattern", "vision.blocks.*.attn.hook_rot_k",
+def test_nnsight_attention_points_match_local_on_one_image(vl_lens, tokenizer):
+    one = vision_inputs(tokenizer, [picture(8, 8, 1)], "what colour ?", config=vl_lens.config)
+    names = vl_lens.graph.names(["vision.blocks.*.attn.hook_pattern", "vision.blocks.*.attn.hook_rot_k",
                               "blocks.*.attn.hook_pattern"])
-    _, c0 = lens.run_with_cache(one, names)
-    _, c1 = lens.run_with_cache(one, names, executor="nnsight")
+    _, c0 = vl_lens.run_with_cache(one, names)
+    _, c1 = vl_lens.run_with_cache(one, names, executor="nnsight")
     for n in names:
         assert torch.equal(c0[n], c1[n]), n
 
@@ -381,89 +337,86 @@ def test_nnsight_attention_points_match_local_on_one_image(lens, tok):
 # ---------------------------------------------------------------------------------------------
 # behaviour through the merger
 # ---------------------------------------------------------------------------------------------
-def test_merger_write_from_other_image_equals_running_on_it(lens, tok):
-    a = vision_inputs(tok, [image(16, 12, 5)], "what colour is the cat ?", config=lens.config)
-    b = vision_inputs(tok, [image(16, 12, 6)], "what colour is the cat ?", config=lens.config)
-    _, cb = lens.run_with_cache(b, "vision.hook_merger")
-    before = hook_count(lens.model)
-    logits_b = lens.run_with_hooks(b, [])
-    logits_a = lens.run_with_hooks(a, [])
-    patched = lens.run_with_hooks(a, [("vision.hook_merger", lambda act, s: cb["vision.hook_merger"])])
+def test_merger_write_from_other_image_equals_running_on_it(vl_lens, tokenizer):
+    a = vision_inputs(tokenizer, [picture(16, 12, 5)], "what colour is the cat ?", config=vl_lens.config)
+    b = vision_inputs(tokenizer, [picture(16, 12, 6)], "what colour is the cat ?", config=vl_lens.config)
+    _, cb = vl_lens.run_with_cache(b, "vision.hook_merger")
+    before = hook_counts(vl_lens.model)
+    logits_b = vl_lens.run_with_hooks(b, [])
+    logits_a = vl_lens.run_with_hooks(a, [])
+    patched = vl_lens.run_with_hooks(a, [("vision.hook_merger", lambda act, s: cb["vision.hook_merger"])])
     assert not torch.allclose(logits_a, logits_b, atol=1e-3)
     torch.testing.assert_close(patched, logits_b, atol=ATOL, rtol=0)
-    small = vision_inputs(tok, [image(8, 8, 7)], "what colour is the cat ?", config=lens.config)
-    _, cs = lens.run_with_cache(small, "vision.hook_merger")
+    small = vision_inputs(tokenizer, [picture(8, 8, 7)], "what colour is the cat ?", config=vl_lens.config)
+    _, cs = vl_lens.run_with_cache(small, "vision.hook_merger")
     with pytest.raises(HookError, match=r"vision\.hook_merger.*\(12, 64\).*\(4, 64\)"):
-        lens.run_with_hooks(a, [("vision.hook_merger", lambda act, s: cs["vision.hook_merger"])])
-    assert hook_count(lens.model) == before
+        vl_lens.run_with_hooks(a, [("vision.hook_merger", lambda act, s: cs["vision.hook_merger"])])
+    assert hook_counts(vl_lens.model) == before
 
 
 # ---------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------
-def test_vision_inputs_spans_and_token_types(lens, vi):
+def test_vision_inputs_spans_and_token_types(vl_lens, vi):
     ids = vi["input_ids"][0]
-    cfg = lens.config
+    cfg = vl_lens.config
     assert [s.stop - s.start for s in vi.image_spans] == [12, 4]
     for s in vi.image_spans:
         assert torch.all(ids[s] == cfg.image_token_id)
         assert ids[s.start - 1] == cfg.vision_start_token_id and ids[s.stop] == cfg.vision_end_token_id
     assert torch.equal(vi["mm_token_type_ids"][0].bool(), ids == cfg.image_token_id)
     assert isinstance(vi.segments, Segments) and vi.segments.n_merged == [12, 4]
-    _, full = lens.run_with_cache(vi, "blocks.1.hook_resid_post")
-    _, img_b = lens.run_with_cache(vi, "blocks.1.hook_resid_post", pos=vi.image_spans[1])
+    _, full = vl_lens.run_with_cache(vi, "blocks.1.hook_resid_post")
+    _, img_b = vl_lens.run_with_cache(vi, "blocks.1.hook_resid_post", pos=vi.image_spans[1])
     assert torch.equal(img_b["blocks.1.hook_resid_post"], full["blocks.1.hook_resid_post"][:, 16:20])
     pil = pytest.importorskip("PIL.Image")
-    vp = vision_inputs(lens.tokenizer, [pil.fromarray(image(16, 12, 0)), image(8, 8, 1)], PROMPT, config=cfg)
+    vp = vision_inputs(vl_lens.tokenizer, [pil.fromarray(picture(16, 12, 0)), picture(8, 8, 1)], PROMPT, config=cfg)
     assert torch.equal(vp["pixel_values"], vi["pixel_values"]) and torch.equal(vp["input_ids"], vi["input_ids"])
     with pytest.raises(ValueError, match="2 .*markers for 1 images"):
-        vision_inputs(lens.tokenizer, [image(8, 8, 1)], PROMPT, config=cfg)
+        vision_inputs(vl_lens.tokenizer, [picture(8, 8, 1)], PROMPT, config=cfg)
 
 
-def _forward_count(lens):
+def _forward_count(vl_lens):
     calls = []
-    h = lens.model.model.visual.patch_embed.register_forward_hook(lambda *a: calls.append(1))
+    h = vl_lens.model.model.visual.patch_embed.register_forward_hook(lambda *a: calls.append(1))
     return calls, h
 
 
-def test_bad_inputs_raise_before_the_model_runs(lens, vi):
-    calls, handle = _forward_count(lens)
+def test_bad_inputs_raise_before_the_model_runs(vl_lens, vi):
+    calls, handle = _forward_count(vl_lens)
     try:
         missing_grid = {k: v for k, v in vi.items() if k != "image_grid_thw"}
         with pytest.raises(HookError, match=r"vision\.hook_patch_embed.*image_grid_thw"):
-            lens.run_with_cache(missing_grid, "vision.hook_merger")
+            vl_lens.run_with_cache(missing_grid, "vision.hook_merger")
         ids = vi["input_ids"].clone()
         drop = vi.image_spans[0].start
         short = {**vi.inputs, "input_ids": torch.cat([ids[:, :drop], ids[:, drop + 1:]], 1),
                  "attention_mask": vi["attention_mask"][:, 1:], "mm_token_type_ids": vi["mm_token_type_ids"][:, 1:]}
         with pytest.raises(HookError, match=r"lengths \[12, 4\].*lengths \[11, 4\]"):
-            lens.run_with_hooks(short, [])
+            vl_lens.run_with_hooks(short, [])
         with pytest.raises(HookError, match="pixel_values of shape"):
-            lens.run_with_hooks({**vi.inputs, "pixel_values": vi["pixel_values"][:-4]}, [])
+            vl_lens.run_with_hooks({**vi.inputs, "pixel_values": vi["pixel_values"][:-4]}, [])
         text_only = {k: v for k, v in vi.items() if k not in ("pixel_values", "image_grid_thw")}
         with pytest.raises(HookError, match="pixel_values for the 16 placeholder tokens"):
-            lens.run_with_hooks(text_only, [])
+            vl_lens.run_with_hooks(text_only, [])
         assert calls == []
     finally:
         handle.remove()
     # mm_token_type_ids is filled in when absent
     no_types = {k: v for k, v in vi.items() if k != "mm_token_type_ids"}
-    torch.testing.assert_close(lens.run_with_hooks(no_types, []), lens.run_with_hooks(vi, []), atol=0, rtol=0)
+    torch.testing.assert_close(vl_lens.run_with_hooks(no_types, []), vl_lens.run_with_hooks(vi, []), atol=0, rtol=0)
 
 
-def test_nnsight_serves_every_per_image_visit_like_local(lens, vi):
+def test_nnsight_serves_every_per_image_visit_like_local(vl_lens, vi):
     """Attention points are visited once per image: the nnsight executor serves every visit, and a write with
     ``steps=[1]`` reaches image 1 only; every vision site and the logits equal the local executor's."""
-    reads = [Read(n) for n in lens.graph.names("vision.*", include_opt_in=True)]
+    reads = [Read(n) for n in vl_lens.graph.names("vision.*", include_opt_in=True)]
     site = "vision.blocks.0.attn.hook_pattern"
     writes = [Write(site, lambda p, s: p * 0.5, steps=[1])]
-    plain = lens.run(vi, reads)
-    local = lens.run(vi, reads, writes)
-    nn = lens.run(vi, reads, writes, executor="nnsight")
-    assert torch.equal(nn.output.logits, local.output.logits)
-    for r in reads:
-        assert len(nn.values[r.name]) == len(local.values[r.name]), r.name
-        assert all(torch.equal(a, b) for a, b in zip(nn.values[r.name], local.values[r.name])), r.name
+    plain = vl_lens.run(vi, reads)
+    local = vl_lens.run(vi, reads, writes)
+    nn = vl_lens.run(vi, reads, writes, executor="nnsight")
+    assert_same_values(nn, local, reads)
     assert len(nn.values[site]) == 2
     assert torch.equal(nn.values[site][0], plain.values[site][0])  # image 0 untouched
     assert torch.equal(nn.values[site][1], plain.values[site][1] * 0.5)  # image 1 written

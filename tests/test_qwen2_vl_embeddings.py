@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
+from conftest import hook_counts, picture
 
 import omnilens
 from omnilens import HookError
 from omnilens.inputs import vision_inputs
 from omnilens.packed import Segments, pool, replace_segment, split, to_grid
-from omnilens.testing import tiny_qwen2_vl, tiny_tokenizer
+from omnilens.testing import tiny_qwen2_vl
 from omnilens.vision_embeddings import (
     config_hash, extract_vision_embeddings, generate_with_image_embeddings, load_vision_embeddings,
 )
@@ -20,30 +20,9 @@ from omnilens.vision_embeddings import (
 SIZES = [(16, 12), (8, 8), (8, 16), (12, 12), (8, 8)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def lens(tok):
-    return omnilens.load(tiny_qwen2_vl(seed=2), tokenizer=tok)
-
-
-def image(h: int, w: int, seed: int) -> np.ndarray:
-    return np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def hook_count(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+def lens(tokenizer):
+    return omnilens.load(tiny_qwen2_vl(seed=2), tokenizer=tokenizer)
 
 
 def test_poolings_on_a_grid():
@@ -64,7 +43,7 @@ def test_poolings_on_a_grid():
 
 
 def test_extractor_streams_every_layer_per_image(lens, tmp_path):
-    images = [image(h, w, i) for i, (h, w) in enumerate(SIZES)]
+    images = [picture(h, w, i) for i, (h, w) in enumerate(SIZES)]
     labels = ["red", "blue", "red", "green", "blue"]
     manifest_path = extract_vision_embeddings(lens, images, labels, tmp_path, batch_size=2, progress=False)
     got, manifest = load_vision_embeddings(tmp_path)
@@ -85,7 +64,7 @@ def test_extractor_streams_every_layer_per_image(lens, tmp_path):
 
 
 def test_extractor_patch_pooling_and_bad_labels(lens, tmp_path):
-    images = [image(8, 8, 10), image(16, 12, 11)]
+    images = [picture(8, 8, 10), picture(16, 12, 11)]
     extract_vision_embeddings(lens, images, [0, 1], tmp_path, pooling=("patch", (0, 3, 2)), progress=False)
     got, manifest = load_vision_embeddings(tmp_path)
     assert manifest["pooling"] == ["patch", [0, 3, 2]]
@@ -107,22 +86,22 @@ def test_extractor_patch_pooling_and_bad_labels(lens, tmp_path):
     assert calls == []
 
 
-def test_generate_with_other_images_tokens_generates_its_answer(lens, tok):
-    a = vision_inputs(tok, [image(16, 12, 5)], "what colour is the cat ?", config=lens.config)
-    b = vision_inputs(tok, [image(16, 12, 6)], "what colour is the cat ?", config=lens.config)
+def test_generate_with_other_images_tokens_generates_its_answer(lens, tokenizer):
+    a = vision_inputs(tokenizer, [picture(16, 12, 5)], "what colour is the cat ?", config=lens.config)
+    b = vision_inputs(tokenizer, [picture(16, 12, 6)], "what colour is the cat ?", config=lens.config)
     _, cb = lens.run_with_cache(b, "vision.hook_merger")
-    before = hook_count(lens.model)
+    before = hook_counts(lens.model)
     with torch.no_grad():
         gen_a = lens.model.generate(**a.inputs, max_new_tokens=6, do_sample=False)
         gen_b = lens.model.generate(**b.inputs, max_new_tokens=6, do_sample=False)
     swapped = generate_with_image_embeddings(lens, a, 0, cb["vision.hook_merger"], max_new_tokens=6)
     assert not torch.equal(gen_a, gen_b)
     assert torch.equal(swapped, gen_b)
-    assert hook_count(lens.model) == before
+    assert hook_counts(lens.model) == before
 
 
-def test_generate_with_wrong_shape_raises_before_running(lens, tok):
-    two = vision_inputs(tok, [image(8, 8, 1), image(16, 12, 2)], "<image> or <image> ?", config=lens.config)
+def test_generate_with_wrong_shape_raises_before_running(lens, tokenizer):
+    two = vision_inputs(tokenizer, [picture(8, 8, 1), picture(16, 12, 2)], "<image> or <image> ?", config=lens.config)
     calls = []
     handle = lens.model.model.visual.register_forward_hook(lambda *a: calls.append(1))
     try:

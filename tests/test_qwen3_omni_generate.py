@@ -6,75 +6,45 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import close, fused_moe, rms, wave
 
 import omnilens
 from omnilens import Read, Write
 from omnilens.inputs.omni import omni_inputs
-from omnilens.testing import tiny_omni, tiny_omni_feature_extractor, tiny_omni_thinker, tiny_omni_tokenizer
+from omnilens.testing import tiny_omni_feature_extractor, tiny_omni_thinker
 
-ATOL = 1e-5
 GEN = dict(max_new_tokens=3, talker_max_new_tokens=4, speaker="ethan", return_audio=True)
 
 
-def randomise(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ("norm" in name or "ln_" in name) and p.dim() == 1:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.3 * torch.randn(p.shape, generator=gen))
-    return model
-
-
-def close(a, b, atol=ATOL):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    torch.testing.assert_close(a, b, atol=atol, rtol=0)
-
-
 @pytest.fixture(scope="module")
-def tok():
-    return tiny_omni_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def lens(tok):
-    return omnilens.load(randomise(tiny_omni()), tokenizer=tok)
-
-
-@pytest.fixture(scope="module")
-def prompt(lens, tok):
-    clip = (0.1 * np.random.RandomState(0).randn(16000)).astype(np.float32)
-    return omni_inputs(tok, lens.config, ["the cat", {"type": "audio", "audio": clip}, "is happy"],
+def prompt(omni_lens, omni_tok):
+    return omni_inputs(omni_tok, omni_lens.config, ["the cat", {"type": "audio", "audio": wave(1.0, 0)}, "is happy"],
                        feature_extractor=tiny_omni_feature_extractor())
 
 
-def hf_generate(model, oi, tok):
+def hf_generate(model, oi, omni_tok):
     """Hugging Face's own ``generate`` with the options ``GEN`` maps to."""
     return model.generate(**oi.inputs, speaker="ethan", return_audio=True, thinker_max_new_tokens=3,
-                          thinker_eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), thinker_do_sample=False,
+                          thinker_eos_token_id=omni_tok.convert_tokens_to_ids("<|im_end|>"), thinker_do_sample=False,
                           talker_max_new_tokens=4, talker_do_sample=False)
 
 
 @pytest.fixture(scope="module")
-def baseline(lens, prompt, tok):
-    return hf_generate(lens.model, prompt, tok)
+def baseline(omni_lens, prompt, omni_tok):
+    return hf_generate(omni_lens.model, prompt, omni_tok)
 
 
 @pytest.fixture(scope="module")
-def run(lens, prompt):
+def run(omni_lens, prompt):
     """One generate reading the bridge, Talker block 0, code-predictor block 0 and every logits site."""
     names = ["blocks.*.hook_resid_post", "audio.hook_out", "talker.hook_*", "talker.blocks.0.*",
              "talker.ln_final.hook_normalized", "talker.code_predictor.blocks.0.*",
              "talker.code_predictor.ln_final.hook_normalized", "talker.code_predictor.hook_logits.*",
              "code2wav.blocks.0.*", "code2wav.ln_final.*", "code2wav.hook_out"]
-    return lens.generate(prompt, reads=names, **GEN)
-
-
-def rms(x, norm):
-    return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+    return omni_lens.generate(prompt, reads=names, **GEN)
 
 
 def attention_by_hand(cache, tower, att, n_heads, d_head, visit=0):
@@ -105,23 +75,23 @@ def attention_by_hand(cache, tower, att, n_heads, d_head, visit=0):
     return out
 
 
-def test_talker_hidden_proj_is_hidden_projection_of_accept_layer(run, lens, prompt):
+def test_talker_hidden_proj_is_hidden_projection_of_accept_layer(run, omni_lens, prompt):
     """``talker.hook_hidden_proj`` = ``hidden_projection(hidden_states[accept_hidden_layer])`` at the audio tokens;
     the first ``talker.hook_text_proj`` visit = ``text_projection(hidden_states[0])`` at the other tokens."""
-    cfg = lens.config
-    hf = lens.model.thinker(**prompt.inputs, output_hidden_states=True)
+    cfg = omni_lens.config
+    hf = omni_lens.model.thinker(**prompt.inputs, output_hidden_states=True)
     mm = prompt["input_ids"] == cfg.thinker_config.audio_token_id
     accept = cfg.talker_config.accept_hidden_layer
-    want = lens.model.talker.hidden_projection(hf.hidden_states[accept][mm])
+    want = omni_lens.model.talker.hidden_projection(hf.hidden_states[accept][mm])
     close(run.cache["talker.hook_hidden_proj"], want)
     close(run.cache.steps("blocks.0.hook_resid_post")[0][mm], hf.hidden_states[accept][mm])
-    close(run.cache.steps("talker.hook_text_proj")[0], lens.model.talker.text_projection(hf.hidden_states[0][~mm]))
+    close(run.cache.steps("talker.hook_text_proj")[0], omni_lens.model.talker.text_projection(hf.hidden_states[0][~mm]))
 
 
-def test_talker_block_by_hand(run, lens):
+def test_talker_block_by_hand(run, omni_lens):
     """Talker block 0 on the prefill: attention from its cached q/k/v, router, shared expert and fused experts."""
-    cache, layer = run.cache, lens.model.talker.model.layers[0]
-    tc = lens.config.talker_config.text_config
+    cache, layer = run.cache, omni_lens.model.talker.model.layers[0]
+    tc = omni_lens.config.talker_config.text_config
     x = cache.steps("talker.blocks.0.hook_resid_pre")[0]
     close(cache.steps("talker.blocks.0.ln1.hook_normalized")[0], rms(x, layer.input_layernorm))
     attn_out = attention_by_hand(cache, "talker", layer.self_attn, tc.num_attention_heads, tc.head_dim)
@@ -129,30 +99,24 @@ def test_talker_block_by_hand(run, lens):
     close(cache.steps("talker.blocks.0.hook_resid_mid")[0], mid)
     h = rms(mid, layer.post_attention_layernorm).view(-1, tc.hidden_size)
     mlp = layer.mlp
-    logits = h @ mlp.gate.weight.T
-    weights, idx = logits.softmax(-1).topk(tc.num_experts_per_tok, -1)  # norm_topk_prob is False for the Talker
+    assert mlp.gate.top_k == tc.num_experts_per_tok
+    logits, weights, idx, experts = fused_moe(h, mlp, norm_topk=False)  # norm_topk_prob is False for the Talker
     close(cache.steps("talker.blocks.0.mlp.hook_router_logits")[0], logits)
     close(cache.steps("talker.blocks.0.mlp.hook_topk_weights")[0], weights)
     assert torch.equal(cache.steps("talker.blocks.0.mlp.hook_topk_idx")[0], idx)
     se = mlp.shared_expert
     shared = (F.silu(h @ se.gate_proj.weight.T) * (h @ se.up_proj.weight.T)) @ se.down_proj.weight.T
     close(cache.steps("talker.blocks.0.mlp.shared_expert.hook_out")[0], shared)
-    experts = torch.zeros_like(h)
-    for t in range(h.shape[0]):
-        for j in range(idx.shape[1]):
-            e = int(idx[t, j])
-            gate, up = (h[t] @ mlp.experts.gate_up_proj[e].T).chunk(2)
-            experts[t] += weights[t, j] * ((F.silu(gate) * up) @ mlp.experts.down_proj[e].T)
     out = (experts + torch.sigmoid(h @ mlp.shared_expert_gate.weight.T) * shared).view_as(x)
     close(cache.steps("talker.blocks.0.hook_mlp_out")[0], out)
     close(cache.steps("talker.blocks.0.hook_resid_post")[0], mid + out)
 
 
-def test_code_predictor_block_and_logits_by_hand(run, lens):
+def test_code_predictor_block_and_logits_by_hand(run, omni_lens):
     """Code-predictor block 0 (dense) on its first prefill; per-group logits from its final norm; Talker
     logits from the Talker's final norm; code2wav.hook_out is the returned waveform."""
-    cache, cp = run.cache, lens.model.talker.code_predictor
-    cc = lens.config.talker_config.code_predictor_config
+    cache, cp = run.cache, omni_lens.model.talker.code_predictor
+    cc = omni_lens.config.talker_config.code_predictor_config
     layer = cp.model.layers[0]
     x = cache.steps("talker.code_predictor.blocks.0.hook_resid_pre")[0]
     mid = x + attention_by_hand(cache, "talker.code_predictor", layer.self_attn, cc.num_attention_heads, cc.head_dim)
@@ -164,19 +128,19 @@ def test_code_predictor_block_and_logits_by_hand(run, lens):
     close(cache.steps("talker.code_predictor.blocks.0.mlp.hook_post")[0], F.silu(pre) * lin)
     post = mid + (F.silu(pre) * lin) @ m.down_proj.weight.T
     close(cache.steps("talker.code_predictor.blocks.0.hook_resid_post")[0], post)
-    groups = lens.config.talker_config.num_code_groups
+    groups = omni_lens.config.talker_config.num_code_groups
     finals = cache.steps("talker.code_predictor.ln_final.hook_normalized")
     for g in range(1, groups):
         for frame, logits in enumerate(cache.steps(f"talker.code_predictor.hook_logits.{g}")):
             close(logits, cp.lm_head[g - 1](finals[frame * (groups - 1) + g - 1]))
     for final, logits in zip(cache.steps("talker.ln_final.hook_normalized"), cache.steps("talker.hook_logits")):
-        close(logits, lens.model.talker.codec_head(final))
+        close(logits, omni_lens.model.talker.codec_head(final))
     assert torch.equal(cache["code2wav.hook_out"], run.waveform)
 
 
-def test_code2wav_block_by_hand(run, lens):
+def test_code2wav_block_by_hand(run, omni_lens):
     """code2wav's pre-transformer block 0: layer-scaled residual adds, gated MLP, final norm."""
-    cache, layer = run.cache, lens.model.code2wav.pre_transformer.layers[0]
+    cache, layer = run.cache, omni_lens.model.code2wav.pre_transformer.layers[0]
     x = cache["code2wav.blocks.0.hook_resid_pre"]
     close(cache["code2wav.blocks.0.ln1.hook_normalized"], rms(x, layer.input_layernorm))
     mid = x + layer.self_attn_layer_scale.scale * cache["code2wav.blocks.0.hook_attn_out"]
@@ -187,14 +151,14 @@ def test_code2wav_block_by_hand(run, lens):
     close(cache["code2wav.blocks.0.hook_mlp_out"], out)
     post = mid + layer.mlp_layer_scale.scale * out
     close(cache["code2wav.blocks.0.hook_resid_post"], post)
-    close(cache["code2wav.ln_final.hook_normalized"], rms(post, lens.model.code2wav.pre_transformer.norm))
+    close(cache["code2wav.ln_final.hook_normalized"], rms(post, omni_lens.model.code2wav.pre_transformer.norm))
 
 
-def test_generation_meta_and_step_axes(run, lens):
+def test_generation_meta_and_step_axes(run, omni_lens):
     meta = run.cache.meta["generation"]
     towers = meta["towers"]
     talker_steps, cp_calls = towers["talker"]["calls"], towers["talker.code_predictor"]["calls"]
-    groups = lens.config.talker_config.num_code_groups
+    groups = omni_lens.config.talker_config.num_code_groups
     assert meta["code_groups"] == groups and meta["code_predictor_steps_per_talker_step"] == groups - 1
     assert cp_calls == (groups - 1) * (talker_steps - 1)  # the last Talker step ends generation
     nest = meta["nesting"]["talker.code_predictor"]
@@ -233,53 +197,53 @@ def eager(model):
             c._attn_implementation_internal = saved[k]
 
 
-def test_identity_writes_everywhere_leave_ids_and_waveform(lens, prompt, tok, baseline):
-    plain = [n for n in lens.graph.names() if not lens.graph[n].requires]
-    out = lens.generate(prompt, writes=[(n, identity) for n in plain], **GEN)
+def test_identity_writes_everywhere_leave_ids_and_waveform(omni_lens, prompt, omni_tok, baseline):
+    plain = [n for n in omni_lens.graph.names() if not omni_lens.graph[n].requires]
+    out = omni_lens.generate(prompt, writes=[(n, identity) for n in plain], **GEN)
     assert torch.equal(out.ids, baseline[0])
     assert torch.equal(out.waveform, baseline[1])
-    every = lens.generate(prompt, writes=[(n, identity) for n in lens.graph.names()], **GEN)
-    with eager(lens.model):  # attention points run Hugging Face's eager attention, bit for bit
-        eager_ref = hf_generate(lens.model, prompt, tok)
+    every = omni_lens.generate(prompt, writes=[(n, identity) for n in omni_lens.graph.names()], **GEN)
+    with eager(omni_lens.model):  # attention points run Hugging Face's eager attention, bit for bit
+        eager_ref = hf_generate(omni_lens.model, prompt, omni_tok)
     assert torch.equal(every.ids, eager_ref[0])
     assert torch.equal(every.waveform, eager_ref[1])
 
 
-def test_thinker_edit_reaches_talker_inputs_and_waveform(lens, prompt, baseline):
-    vec = steering_vector(lens)
+def test_thinker_edit_reaches_talker_inputs_and_waveform(omni_lens, prompt, baseline):
+    vec = steering_vector(omni_lens)
     reads = ["talker.hook_hidden_proj", "blocks.0.hook_resid_post"]
-    base = lens.generate(prompt, reads=reads, **GEN)
-    edit = lens.generate(prompt, reads=reads, writes=[("blocks.0.hook_resid_post", lambda x, s: x + vec)], **GEN)
-    mm = prompt["input_ids"] == lens.config.thinker_config.audio_token_id
+    base = omni_lens.generate(prompt, reads=reads, **GEN)
+    edit = omni_lens.generate(prompt, reads=reads, writes=[("blocks.0.hook_resid_post", lambda x, s: x + vec)], **GEN)
+    mm = prompt["input_ids"] == omni_lens.config.thinker_config.audio_token_id
     edited = edit.cache.steps("blocks.0.hook_resid_post")[0]
     close(edited, base.cache.steps("blocks.0.hook_resid_post")[0] + vec)
-    close(edit.cache["talker.hook_hidden_proj"], lens.model.talker.hidden_projection(edited[mm]))
+    close(edit.cache["talker.hook_hidden_proj"], omni_lens.model.talker.hidden_projection(edited[mm]))
     assert not torch.allclose(edit.cache["talker.hook_hidden_proj"], base.cache["talker.hook_hidden_proj"], atol=1e-3)
     assert not torch.equal(edit.waveform, baseline[1])
 
 
-def test_write_steps_select_visits(lens, prompt):
-    vec = torch.ones(lens.config.thinker_config.text_config.hidden_size)
-    base = lens.generate(prompt, reads="blocks.1.hook_resid_post", **GEN)
-    edit = lens.generate(prompt, reads="blocks.1.hook_resid_post",
+def test_write_steps_select_visits(omni_lens, prompt):
+    vec = torch.ones(omni_lens.config.thinker_config.text_config.hidden_size)
+    base = omni_lens.generate(prompt, reads="blocks.1.hook_resid_post", **GEN)
+    edit = omni_lens.generate(prompt, reads="blocks.1.hook_resid_post",
                          writes=[Write("blocks.1.hook_resid_post", lambda x, s: x + vec, steps=[1])], **GEN)
     b, e = base.cache.steps("blocks.1.hook_resid_post"), edit.cache.steps("blocks.1.hook_resid_post")
     assert torch.equal(e[0], b[0])
     close(e[1], b[1] + vec)
 
 
-def test_bad_generation_options_raise_before_running(lens, prompt, tok):
+def test_bad_generation_options_raise_before_running(omni_lens, prompt, omni_tok):
     calls = []
-    handle = lens.model.thinker.register_forward_pre_hook(lambda m, a: calls.append(1))
+    handle = omni_lens.model.thinker.register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
         with pytest.raises(ValueError, match=r"speaker='nobody': expected one of \['chelsie', 'ethan'\]"):
-            lens.generate(prompt, **{**GEN, "speaker": "nobody"})
+            omni_lens.generate(prompt, **{**GEN, "speaker": "nobody"})
         with pytest.raises(ValueError, match="return_audio=False"):
-            lens.generate(prompt, max_new_tokens=2, speaker="ethan", return_audio=False)
+            omni_lens.generate(prompt, max_new_tokens=2, speaker="ethan", return_audio=False)
     finally:
         handle.remove()
     assert calls == []
-    thinker = omnilens.load(tiny_omni_thinker(), tokenizer=tok)
+    thinker = omnilens.load(tiny_omni_thinker(), tokenizer=omni_tok)
     with pytest.raises(ValueError, match="Thinker alone and has no Talker"):
         thinker.generate(prompt, max_new_tokens=2, return_audio=True)
     text = thinker.generate(prompt, reads="blocks.0.hook_resid_post", max_new_tokens=2)
@@ -287,40 +251,39 @@ def test_bad_generation_options_raise_before_running(lens, prompt, tok):
     assert len(text.cache.steps("blocks.0.hook_resid_post")) == 2
 
 
-def test_nnsight_generate_matches_local(lens, prompt):
+def test_nnsight_generate_matches_local(omni_lens, prompt):
     """The same Thinker edit through the nnsight executor gives the same ids, waveform and Talker input."""
-    vec = steering_vector(lens)
+    vec = steering_vector(omni_lens)
     writes = [("blocks.0.hook_resid_post", lambda x, s: x + vec)]
-    local = lens.generate(prompt, reads="talker.hook_hidden_proj", writes=writes, **GEN)
-    nn = lens.generate(prompt, reads="talker.hook_hidden_proj", writes=writes, executor="nnsight", **GEN)
+    local = omni_lens.generate(prompt, reads="talker.hook_hidden_proj", writes=writes, **GEN)
+    nn = omni_lens.generate(prompt, reads="talker.hook_hidden_proj", writes=writes, executor="nnsight", **GEN)
     assert torch.equal(nn.ids, local.ids)
     assert torch.equal(nn.waveform, local.waveform)
     assert torch.equal(nn.cache["talker.hook_hidden_proj"], local.cache["talker.hook_hidden_proj"])
 
 
-def test_remote_simulation_round_trip_on_thinker_trace(tok, prompt):
+def test_remote_simulation_round_trip_on_thinker_trace(thinker_lens, prompt):
     """A Thinker trace with audio, a write and reads, serialised as a remote request and run: equals local."""
-    lens = omnilens.load(randomise(tiny_omni_thinker()), tokenizer=tok)
-    kw = lens.to_inputs(prompt)
-    vec = torch.randn(lens.config.text_config.hidden_size, generator=torch.Generator().manual_seed(2))
+    kw = thinker_lens.to_inputs(prompt)
+    vec = torch.randn(thinker_lens.config.text_config.hidden_size, generator=torch.Generator().manual_seed(2))
     names = ["audio.hook_out", "blocks.0.hook_resid_post", "blocks.1.mlp.hook_router_logits", "hook_logits"]
     reads = [Read(n) for n in names]
     writes = [Write("blocks.0.hook_resid_post", lambda x, s: x + vec)]
     with torch.no_grad():
-        local = lens.executor("local").run(kw, reads, writes)
-        remote = lens.executor("nnsight", remote="local").run(kw, reads, writes)
+        local = thinker_lens.executor("local").run(kw, reads, writes)
+        remote = thinker_lens.executor("nnsight", remote="local").run(kw, reads, writes)
     for n in names:
         assert torch.equal(remote.values[n][0], local.values[n][0]), n
-    plain = lens.model(**kw).logits
+    plain = thinker_lens.model(**kw).logits
     assert not torch.allclose(local.values["hook_logits"][0], plain, atol=1e-4)
 
 
-def test_generate_on_a_plain_causal_lm(tok):
+def test_generate_on_a_plain_causal_lm(omni_tok):
     """``Lens.generate`` is generic: a Qwen3 model gets text ids and one cache entry per step."""
     from omnilens.testing import tiny_qwen3
 
-    lens = omnilens.load(tiny_qwen3(), tokenizer=tok)
-    ids = tok(["the cat is"], return_tensors="pt")["input_ids"]
+    lens = omnilens.load(tiny_qwen3(), tokenizer=omni_tok)
+    ids = omni_tok(["the cat is"], return_tensors="pt")["input_ids"]
     out = lens.generate(ids, reads="blocks.1.hook_resid_post", max_new_tokens=3)
     ref = lens.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     assert torch.equal(out.ids, ref) and out.waveform is None

@@ -46,18 +46,23 @@ def train(model: Qwen3ForCausalLM, batches: Callable[[int], tuple[torch.Tensor, 
 
 
 def head_sparsity(model: Qwen3ForCausalLM, coef: float, layers: Sequence[int], mlp: bool = False) -> torch.Tensor:
-    """``coef * sum over heads of sqrt(||o_proj columns of the head||)`` in ``layers`` (and, with ``mlp``,
-    over the MLP's neurons: ``down_proj`` columns). The square root is concave, so one head doing a job
-    costs less than several redundant copies sharing it: the penalty leaves one head per role in those
-    layers and switches the others off."""
+    """``coef * sum over heads of sqrt(||W_V of the head|| * ||W_O of the head||)`` in ``layers`` (and, with
+    ``mlp``, over MLP neurons: ``sqrt(||up row|| * ||down column||)``). The products do not change when a
+    head's value and output maps are rescaled against each other, and the square root is concave, so one
+    head doing a job costs less than several redundant copies sharing it: the penalty leaves one head per
+    role in those layers and switches the others off."""
     cfg = model.config
     total = torch.zeros(())
     for i in layers:
         layer = model.model.layers[i]
-        w = layer.self_attn.o_proj.weight.view(cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim)
-        total = total + (w.norm(dim=(0, 2)) + 1e-8).sqrt().sum()
+        attn = layer.self_attn
+        o = attn.o_proj.weight.view(cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim).norm(dim=(0, 2))
+        v = attn.v_proj.weight.view(cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size).norm(dim=(1, 2))
+        v = v.repeat_interleave(cfg.num_attention_heads // cfg.num_key_value_heads)
+        total = total + (o * v + 1e-8).sqrt().sum()
         if mlp:
-            total = total + (layer.mlp.down_proj.weight.norm(dim=0) + 1e-8).sqrt().sum()
+            down, up = layer.mlp.down_proj.weight.norm(dim=0), layer.mlp.up_proj.weight.norm(dim=1)
+            total = total + (down * up + 1e-8).sqrt().sum()
     return coef * total
 
 

@@ -15,7 +15,7 @@ import torch
 
 from omnilens.adapters.base import Adapter
 from omnilens.adapters.decoder import DecoderLayout, decoder_specs
-from omnilens.adapters.vision import VisionTowerLayout, check_media, vision_specs
+from omnilens.adapters.vision import VisionTowerLayout, check_vision_media, vision_specs
 from omnilens.graph import HookGraph
 from omnilens.packed import Segments
 
@@ -73,12 +73,7 @@ class Qwen2VLAdapter(Adapter):
         forward when ``image_grid_thw`` is missing or the image-token count does not match.
         """
         cfg = self.model.config
-        vc = cfg.vision_config
-        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
-        for pixel_key, grid_key, token_id in (("pixel_values", "image_grid_thw", cfg.image_token_id),
-                                              ("pixel_values_videos", "video_grid_thw", cfg.video_token_id)):
-            check_media(inputs, pixel_key=pixel_key, grid_key=grid_key, token_id=token_id,
-                        merge_size=self.merge_size, patch_dim=patch_dim, site="vision.hook_patch_embed")
+        check_vision_media(inputs, cfg)
         ids = inputs.get("input_ids")
         has_media = inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None
         if ids is not None and has_media and inputs.get("mm_token_type_ids") is None:

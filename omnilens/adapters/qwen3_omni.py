@@ -27,7 +27,7 @@ from torch import nn
 from omnilens.adapters.base import Adapter, GenerationPlan
 from omnilens.adapters.decoder import DecoderLayout, decoder_specs
 from omnilens.adapters.qwen3 import qwen3_layout
-from omnilens.adapters.vision import VisionTowerLayout, check_media, vision_specs
+from omnilens.adapters.vision import VisionTowerLayout, check_vision_media, vision_specs
 from omnilens.errors import HookError
 from omnilens.graph import HookGraph, HookSpec
 from omnilens.hookpoints import HookPoint
@@ -268,12 +268,7 @@ class Qwen3OmniAdapter(Adapter):
         elif n_audio_tokens:
             raise HookError(site, f"input_features for the {n_audio_tokens} audio tokens (id {cfg.audio_token_id}) "
                             "in input_ids", "no input_features")
-        vc = cfg.vision_config
-        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
-        for pixel_key, grid_key, token_id in (("pixel_values", "image_grid_thw", cfg.image_token_id),
-                                              ("pixel_values_videos", "video_grid_thw", cfg.video_token_id)):
-            check_media(inputs, pixel_key=pixel_key, grid_key=grid_key, token_id=token_id,
-                        merge_size=vc.spatial_merge_size, patch_dim=patch_dim, site="vision.hook_patch_embed")
+        check_vision_media(inputs, cfg)
         return inputs
 
     def segments(self, inputs: dict[str, Any]) -> dict[str, list[tuple[int, int]]]:

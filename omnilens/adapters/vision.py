@@ -19,6 +19,9 @@ Stable API (other adapters build on it; extend, do not change):
 ``check_media(inputs, pixel_key=, grid_key=, token_id=, merge_size=, patch_dim=, site=)``
     Validation for ``Adapter.prepare_inputs``: grid present, pixel rows match it, one run of
     placeholder tokens per image of the right length; raises ``HookError`` naming ``site``.
+``check_vision_media(inputs, config)``
+    ``check_media`` for both images and videos of a config with ``vision_config``,
+    ``image_token_id`` and ``video_token_id``, naming ``vision.hook_patch_embed``.
 
 Axes: ``patch`` is the packed patch axis (all images concatenated, no batch axis); ``merged`` the
 merger's output axis (language-model image tokens). Hugging Face's non-flash vision attention calls
@@ -199,6 +202,17 @@ def check_media(
                         f"{len(runs)} runs of lengths {runs} ({n_tokens} tokens)",
                         "Each image needs grid.prod() // merge_size**2 placeholder tokens between its "
                         "vision start/end tokens.")
+
+
+def check_vision_media(inputs: dict, config) -> None:
+    """:func:`check_media` for images (``pixel_values``) and videos (``pixel_values_videos``) of a model
+    whose ``config`` has ``vision_config``, ``image_token_id`` and ``video_token_id``."""
+    vc = config.vision_config
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    for pixel_key, grid_key, token_id in (("pixel_values", "image_grid_thw", config.image_token_id),
+                                          ("pixel_values_videos", "video_grid_thw", config.video_token_id)):
+        check_media(inputs, pixel_key=pixel_key, grid_key=grid_key, token_id=token_id,
+                    merge_size=vc.spatial_merge_size, patch_dim=patch_dim, site="vision.hook_patch_embed")
 
 
 def _runs(mask: torch.Tensor) -> list[int]:

@@ -38,8 +38,9 @@ import torch
 from jaxtyping import Float
 from sklearn.linear_model import Ridge
 
-from omnilens.activations import ActivationDataset, atomic_write_text
+from omnilens.activations import ActivationDataset
 from omnilens.concepts.vectors import ConceptVectors
+from omnilens.io import atomic_write_json, atomic_write_text
 
 TRIAGE = ("clean single-neuron", "clean low-rank", "fragmented", "contaminated", "redundant")
 
@@ -184,7 +185,7 @@ class QualityReport:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         jpath, hpath = out / "quality.json", out / "quality.html"
-        atomic_write_text(jpath, json.dumps(self.to_dict(), indent=1))
+        atomic_write_json(jpath, self.to_dict())
         atomic_write_text(hpath, self.to_html())
         return jpath, hpath
 

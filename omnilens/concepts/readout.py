@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from omnilens.activations import atomic_write, atomic_write_text
 from omnilens.concepts.vectors import ConceptVectors
+from omnilens.io import atomic_save_safetensors, atomic_write_json
 
 TENSORS, MANIFEST = "readout.safetensors", "readout.json"
 DTYPES = {"float16": torch.float16}
@@ -29,8 +29,8 @@ def save_readout(vectors: ConceptVectors, out_dir: str | os.PathLike) -> Path:
                for lay in vectors.layers}
     manifest = {"concepts": list(vectors.concepts), "layers": [int(x) for x in vectors.layers],
                 "hidden_size": vectors.hidden_size, "dtype": "float16"}
-    atomic_write(out / TENSORS, lambda tmp: save_file(tensors, tmp))
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_save_safetensors(out / TENSORS, tensors)
+    atomic_write_json(out / MANIFEST, manifest)
     return out
 
 

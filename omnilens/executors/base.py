@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -9,7 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from omnilens.errors import HookError
-from omnilens.graph import HookSpec
+from omnilens.graph import HookGraph, HookSpec
 from omnilens.views import CallContext
 
 PosSelector = int | slice | Sequence[int] | torch.Tensor | None
@@ -96,6 +97,20 @@ def unview_into(spec: HookSpec, new: torch.Tensor, raw: Any, ctx: CallContext) -
             raw.copy_(raw_new)
         return raw
     return spec.view.unview(new, raw, ctx)
+
+
+def sites_of(graph: HookGraph, reads: Sequence[Read], writes: Sequence[Write],
+             ) -> tuple[list[HookSpec], dict[str, list[Read]], dict[str, list[Write]]]:
+    """The specs of the sites that ``reads`` and ``writes`` name (first mention first), and the reads and
+    the writes of each site name (``defaultdict(list)``: an untouched name gives ``[]``)."""
+    specs = [graph[n] for n in dict.fromkeys([r.name for r in reads] + [w.name for w in writes])]
+    reads_by: dict[str, list[Read]] = defaultdict(list)
+    writes_by: dict[str, list[Write]] = defaultdict(list)
+    for r in reads:
+        reads_by[r.name].append(r)
+    for w in writes:
+        writes_by[w.name].append(w)
+    return specs, reads_by, writes_by
 
 
 def serve_site(spec: HookSpec, raw: Any, ctx: CallContext, reads: Sequence[Read], writes: Sequence[Write],

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from omnilens.adapters.base import Adapter
-from omnilens.executors.base import Read, RunResult, Write, serve_site
+from omnilens.executors.base import Read, RunResult, Write, serve_site, sites_of
 from omnilens.graph import HookSpec
 from omnilens.views import CallContext
 
@@ -32,15 +32,9 @@ class LocalExecutor:
     def attach(self, reads: Sequence[Read], writes: Sequence[Write]) -> Iterator[dict[str, list[torch.Tensor]]]:
         """Attach reads and writes for the duration of the block; yields the per-site values."""
         graph = self.adapter.graph
-        specs = {n: graph[n] for n in dict.fromkeys([r.name for r in reads] + [w.name for w in writes])}
-        by_site_reads: dict[str, list[Read]] = defaultdict(list)
-        by_site_writes: dict[str, list[Write]] = defaultdict(list)
-        for r in reads:
-            by_site_reads[r.name].append(r)
-        for w in writes:
-            by_site_writes[w.name].append(w)
+        specs, by_site_reads, by_site_writes = sites_of(graph, reads, writes)
         groups: dict[tuple[str, str], list[HookSpec]] = defaultdict(list)
-        for spec in sorted(specs.values(), key=lambda s: graph.order(s.name)):
+        for spec in sorted(specs, key=lambda s: graph.order(s.name)):
             groups[(spec.module, spec.port)].append(spec)
         values: dict[str, list[torch.Tensor]] = defaultdict(list)
         visits: dict[str, int] = defaultdict(int)
@@ -72,7 +66,7 @@ class LocalExecutor:
                 return (args, {**kwargs, key: raw}) if changed else None
             return hook
 
-        with self.adapter.instrument(list(specs.values())):
+        with self.adapter.instrument(specs):
             try:
                 for (path, port), spec_list in groups.items():
                     module = self.adapter.module(path)

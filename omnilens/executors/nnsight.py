@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from omnilens.adapters.base import Adapter
-from omnilens.executors.base import Read, RunResult, Write, serve_site
+from omnilens.executors.base import Read, RunResult, Write, serve_site, sites_of
 from omnilens.graph import HookSpec
 from omnilens.views import CallContext
 
@@ -114,15 +114,9 @@ class NNsightExecutor:
         sites once.
         """
         graph = self.adapter.graph
-        specs = [graph[n] for n in dict.fromkeys([r.name for r in reads] + [w.name for w in writes])]
+        specs, reads_by, writes_by = sites_of(graph, reads, writes)
         if self.remote is True:
             _check_remote_sites(specs)
-        reads_by: dict[str, list[Read]] = defaultdict(list)
-        writes_by: dict[str, list[Write]] = defaultdict(list)
-        for r in reads:
-            reads_by[r.name].append(r)
-        for w in writes:
-            writes_by[w.name].append(w)
         by_module: dict[str, dict[str, list[SiteTask]]] = defaultdict(lambda: {"input": [], "output": []})
         for spec in sorted(specs, key=lambda s: graph.order(s.name)):
             task = SiteTask(spec, tuple(reads_by[spec.name]), tuple(writes_by[spec.name]))

@@ -16,21 +16,21 @@ with each clip as ``<|audio_start|> <|audio_pad|>*n <|audio_end|>`` and each ima
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from omnilens.inputs.audio import audio_features, clip_tokens
-from omnilens.inputs.vision import image_processor_for, pixel_inputs
+from omnilens.inputs.vision import ForwardKwargs, image_processor_for, pixel_inputs
 from omnilens.packed import Segments
 
 Part = str | Mapping[str, Any]
 
 
 @dataclass
-class OmniInputs(Mapping[str, torch.Tensor]):
+class OmniInputs(ForwardKwargs):
     """Forward kwargs for a batch of Omni conversations; usable wherever a dict of kwargs is.
 
     Attributes:
@@ -47,15 +47,6 @@ class OmniInputs(Mapping[str, torch.Tensor]):
     spans: list[dict[str, list[slice]]]
     audio_segments: list[slice] = field(default_factory=list)
     vision: Segments | None = None
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self.inputs[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.inputs)
-
-    def __len__(self) -> int:
-        return len(self.inputs)
 
 
 def omni_inputs(

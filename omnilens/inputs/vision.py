@@ -46,8 +46,24 @@ def pixel_inputs(images: Sequence[Any], image_processor: Any) -> dict[str, torch
     return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
 
+class ForwardKwargs(Mapping[str, torch.Tensor]):
+    """A read-only mapping over ``self.inputs`` (the forward kwargs), so a builder's result can be passed
+    wherever a dict of kwargs is; subclasses hold ``inputs: dict[str, Tensor]`` plus their own metadata."""
+
+    inputs: dict[str, torch.Tensor]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.inputs[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.inputs)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
 @dataclass
-class VisionInputs(Mapping[str, torch.Tensor]):
+class VisionInputs(ForwardKwargs):
     """Forward kwargs for one sequence with images; usable wherever a dict of kwargs is (``lens.run_with_cache(vi)``).
 
     Attributes:
@@ -60,15 +76,6 @@ class VisionInputs(Mapping[str, torch.Tensor]):
     inputs: dict[str, torch.Tensor]
     image_spans: list[slice]
     segments: Segments
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self.inputs[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.inputs)
-
-    def __len__(self) -> int:
-        return len(self.inputs)
 
 
 def vision_inputs(

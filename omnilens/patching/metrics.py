@@ -37,23 +37,25 @@ def _at(logits: torch.Tensor, pos: int) -> torch.Tensor:
     return logits[:, pos, :]
 
 
-def _last(pos: int | None) -> int | None:
-    """How many last positions a metric reading ``pos`` needs (``None``: all)."""
-    return -pos if pos is not None and pos < 0 else None
+class _ReadsPos:
+    """Mixin of the metrics that read position ``pos`` (``None``: every position)."""
+
+    pos: int | None
+
+    @property
+    def last_positions(self) -> int | None:
+        """How many last positions the metric needs (``None``: all)."""
+        return -self.pos if self.pos is not None and self.pos < 0 else None
 
 
 @dataclass(frozen=True, eq=False)
-class LogitDiff:
+class LogitDiff(_ReadsPos):
     """``logits[pos, correct] - logits[pos, incorrect]`` per row (ids: one per prompt, or one for all)."""
 
     correct: Ids
     incorrect: Ids
     pos: int = -1
     name: str = "logit_diff"
-
-    @property
-    def last_positions(self) -> int | None:
-        return _last(self.pos)
 
     def __call__(self, logits: Float[torch.Tensor, "rows pos vocab"]) -> Float[torch.Tensor, " rows"]:
         last = _at(logits, self.pos)
@@ -63,16 +65,12 @@ class LogitDiff:
 
 
 @dataclass(frozen=True, eq=False)
-class LogProb:
+class LogProb(_ReadsPos):
     """Log-probability of ``token`` at ``pos`` per row."""
 
     token: Ids
     pos: int = -1
     name: str = "log_prob"
-
-    @property
-    def last_positions(self) -> int | None:
-        return _last(self.pos)
 
     def __call__(self, logits: Float[torch.Tensor, "rows pos vocab"]) -> Float[torch.Tensor, " rows"]:
         logp = torch.log_softmax(_at(logits, self.pos).float(), -1)
@@ -81,23 +79,19 @@ class LogProb:
 
 
 @dataclass(frozen=True, eq=False)
-class Prob:
+class Prob(_ReadsPos):
     """Probability of ``token`` at ``pos`` per row."""
 
     token: Ids
     pos: int = -1
     name: str = "prob"
 
-    @property
-    def last_positions(self) -> int | None:
-        return _last(self.pos)
-
     def __call__(self, logits: Float[torch.Tensor, "rows pos vocab"]) -> Float[torch.Tensor, " rows"]:
         return LogProb(self.token, self.pos)(logits).exp()
 
 
 @dataclass(frozen=True, eq=False)
-class KLToClean:
+class KLToClean(_ReadsPos):
     """``KL(p_clean || p)`` at ``pos`` (``None``: summed over positions) per row; 0 on the clean run.
 
     Bound to the clean logits by :meth:`bind` before patching starts.
@@ -106,10 +100,6 @@ class KLToClean:
     pos: int | None = -1
     reference: torch.Tensor | None = None
     name: str = "kl_to_clean"
-
-    @property
-    def last_positions(self) -> int | None:
-        return _last(self.pos)
 
     def bind(self, clean: torch.Tensor, corrupted: torch.Tensor) -> KLToClean:
         return replace(self, reference=clean.detach())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -12,7 +11,9 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from omnilens.io import atomic_save_safetensors
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,16 +109,8 @@ class PatchingResult:
                 "corrupted": self.corrupted, "method": self.method, "direction": self.direction,
                 "provenance": dict(self.provenance)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"values": self.values.contiguous(), "raw": self.raw.contiguous()}, tmp,
-                      metadata={"omnilens.patching": json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_save_safetensors(path, {"values": self.values.contiguous(), "raw": self.raw.contiguous()},
+                                       metadata={"omnilens.patching": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PatchingResult:
