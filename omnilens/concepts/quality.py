@@ -139,14 +139,12 @@ class QualityReport:
         """A text table: one line per concept, its triage class at each layer, then class counts."""
         concepts = list(dict.fromkeys(r.concept for r in self.rows))
         layers = sorted({r.layer for r in self.rows})
-        width = max(len(c) for c in concepts)
-        lines = [f"{'concept':<{width}}  " + "  ".join(f"L{lay:<20}" for lay in layers)]
+        width = max(len(c) for c in concepts + ["concept"])
+        cells = {(r.concept, r.layer): f"{r.triage} ({r.proj_mean:.2g})" for r in self.rows}
+        col = max(len(x) for x in [*cells.values(), *(f"L{lay}" for lay in layers)])
+        lines = [f"{'concept':<{width}}  " + "  ".join(f"{'L' + str(lay):<{col}}" for lay in layers)]
         for c in concepts:
-            cells = []
-            for lay in layers:
-                r = self.get(c, lay)
-                cells.append(f"{r.triage} ({r.proj_mean:.2g})".ljust(21))
-            lines.append(f"{c:<{width}}  " + "  ".join(cells))
+            lines.append(f"{c:<{width}}  " + "  ".join(f"{cells[(c, lay)]:<{col}}" for lay in layers))
         counts = {k: sum(r.triage == k for r in self.rows) for k in TRIAGE}
         lines.append("triage: " + ", ".join(f"{k} {n}" for k, n in counts.items() if n))
         return "\n".join(lines)
