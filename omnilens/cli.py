@@ -5,9 +5,10 @@
     omnilens zoo                        # list the embedded models
 
 ``patch`` builds clean/corrupted repeated random sequences (the clean prompt's last token occurred
-before; the corrupted prompt replaces that earlier occurrence), runs exact and attribution patching over
-the chosen sweeps, ranks heads by direct logit attribution, writes every heatmap as HTML (PNG when kaleido
-is installed) and the results as ``.safetensors``, and prints the top components with their scores.
+before; the corrupted prompt replaces that earlier occurrence; the ``mood`` zoo model gets happy prompts
+against sad twins), runs exact and attribution patching over the chosen sweeps, ranks heads by direct
+logit attribution, writes every heatmap as HTML (PNG when kaleido is installed) and the results as
+``.safetensors``, and prints the top components with their scores.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ SWEEPS = {  # name -> (site leaf, sweep axes)
     "pattern": ("hook_pattern", ("layer", "head")),
 }
 METRICS = ("logit_diff", "log_prob", "prob", "kl")
-METHODS = {"exact": "exact", "atp": "atp", "both": None}
+METHODS = ("exact", "atp", "both")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--metric", default="logit_diff", choices=METRICS,
                     help="logit_diff (answer - wrong token), log_prob / prob of the answer, kl (to clean) at the last "
                          "position (default: logit_diff)")
-    pp.add_argument("--method", default="both", choices=list(METHODS), help="exact, atp or both (default: both)")
+    pp.add_argument("--method", default="both", choices=METHODS, help="exact, atp or both (default: both)")
     pp.add_argument("--direction", default="denoise", choices=("denoise", "noise"),
                     help="denoise: patch clean into corrupted; noise: corrupted into clean (default: denoise)")
     pp.add_argument("--out", default="omnilens_out", help="output folder (default: ./omnilens_out)")
@@ -125,7 +126,7 @@ def _patch(args: argparse.Namespace) -> int:
                                "clean": first.clean, "corrupted": first.corrupted, "results": {}}
     for (method, name), res in results.items():
         print(f"\n{method:5s} {name:9s} top {args.top}:")
-        top = res.top(args.top)
+        top = _top(res, args.top)
         for labels, value in top:
             print(f"    {_component(labels):28s} {value:+.3f}")
         stem = out / f"{method}_{name}"
@@ -217,6 +218,17 @@ def _dla(lens, pairs, out: Path, k: int, summary: dict) -> list[Path]:
     path = out / "dla_heads.html"
     scores.figure().write_html(str(path))
     return [path]
+
+
+def _top(res, k: int) -> list[tuple[dict[str, str], float]]:
+    """The ``k`` components that matter most: largest ``|value|`` when denoising (0 = corrupted), largest
+    ``|1 - value|`` when noising (1 = clean: an unimportant component leaves the clean run unchanged)."""
+    if res.direction == "denoise":
+        return res.top(k)
+    order = (1 - res.values).abs().reshape(-1).argsort(descending=True)[:k]
+    flat = res.values.reshape(-1)
+    return [({a: res.labels[a][int(j)] for a, j in zip(res.axes, torch.unravel_index(i, res.shape))}, float(flat[i]))
+            for i in order]
 
 
 def _component(labels: dict[str, str]) -> str:

@@ -105,3 +105,16 @@ def test_zoo_command(capsys):
     assert main(["zoo"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["induction", "mood"]
+
+
+def test_noising_ranks_by_distance_from_clean(tmp_path):
+    """When noising, 1 = clean: the components listed first are those that move the metric furthest from 1."""
+    out = tmp_path / "noise"
+    assert main(["patch", "--sweep", "heads", "--method", "exact", "--direction", "noise", "--top", "8",
+                 "--out", str(out), "--batch", "4", "--no-progress"]) == 0
+    listed = json.loads((out / "summary.json").read_text())["results"]["exact_heads"]
+    res = PatchingResult.load(out / "exact_heads.safetensors")
+    assert res.direction == "noise" and len(listed) == 8
+    distance = [abs(1 - row["score"]) for row in listed]
+    assert distance == sorted(distance, reverse=True)
+    assert distance[0] == pytest.approx(float((1 - res.values).abs().max()), rel=1e-6)  # float32 values

@@ -1,8 +1,8 @@
 """Tiny Qwen3 models trained by omnilens on synthetic tasks with a known mechanism, shipped in the package.
 
-``induction``: 2 layers, random words with repeated segments; a previous-token head in layer 0 and an
-induction head in layer 1 (Olsson et al. 2022). ``mood``: 4 layers, templated sentences whose mood is set
-by a cue word (see :mod:`omnilens.zoo.mood`). The training scripts live in ``training/`` at the repository
+``induction``: 2 layers, attention-only (MLPs zeroed), trained on repeated random segments and in-context
+bigram walks; a previous-token head in layer 0 feeds two induction heads in layer 1 (Olsson et al. 2022).
+``mood``: 4 layers, templated sentences whose mood is set by cue words (see :mod:`omnilens.zoo.mood`). The training scripts live in ``training/`` at the repository
 root; ``zoo.json`` next to each model's weights records the seed, the command and the measured figures.
 """
 

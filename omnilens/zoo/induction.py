@@ -1,4 +1,5 @@
-"""Data for the ``induction`` zoo model: random tokens with repeated segments (Olsson et al. 2022).
+"""Data for the ``induction`` zoo model: repeated random segments and in-context bigram walks, and the
+clean/corrupted pairs that patch its induction circuit (Olsson et al. 2022).
 
 Token ids: 0 = bos, 1 = eos (unused), then :data:`WORDS`, then ``[UNK]``. Everything is seeded.
 """
@@ -80,6 +81,21 @@ def training_batch(batch: int, seq_len: int, gen: torch.Generator) -> Int[torch.
     """Training sequences ``[batch seq_len]``: half :func:`repeated_segments`, half :func:`bigram_walks`."""
     half = batch // 2
     return torch.cat([repeated_segments(half, seq_len, gen), bigram_walks(batch - half, seq_len, gen)])
+
+
+def repeat_losses(model, seed: int = 12345, batch: int = 256, seg_len: int = 12) -> tuple[float, float]:
+    """Mean next-token loss (nats) over the first and the second occurrence of a repeated segment
+    (predicting tokens 2..seg_len of each occurrence, so both average the same number of predictions)."""
+    gen = torch.Generator().manual_seed(seed)
+    seg = torch.stack([torch.randperm(N_WORDS, generator=gen)[:seg_len] for _ in range(batch)])
+    ids = torch.cat([torch.zeros(batch, 1, dtype=torch.long), seg + FIRST_WORD_ID,
+                     seg + FIRST_WORD_ID], dim=1)
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits.log_softmax(-1)
+    nll = -logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # nll[:, t] predicts token t + 1
+    first = nll[:, 1:seg_len].mean().item()
+    second = nll[:, seg_len + 1: 2 * seg_len].mean().item()
+    return first, second
 
 
 @dataclass(frozen=True)
