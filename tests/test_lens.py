@@ -215,3 +215,12 @@ def test_nested_runs_keep_the_outer_attention_points(lens, batch):
     assert lens.model.config._attn_implementation == "sdpa" and hook_counts(lens.model) == 0
     assert not any(isinstance(m, HookPoint) for m in lens.model.modules())
     assert "eager" not in ALL_ATTENTION_FUNCTIONS
+
+
+def test_submodules_are_attributes_of_the_package():
+    import omnilens
+
+    assert omnilens.zoo.names() == ["induction", "mood"]
+    assert callable(omnilens.patching.patch_exact)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        omnilens.nope
