@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 
 from omnilens.adapters.base import GenerationPlan
 from omnilens.cache import ActivationCache
-from omnilens.executors.base import HookFn, Read, Write
+from omnilens.executors.base import HookFn, Read, Write, writes_for
 from omnilens.graph import HookGraph
 
 if TYPE_CHECKING:
@@ -91,13 +91,11 @@ def _reads(graph: HookGraph, reads: ReadsArg) -> list[Read]:
 def _writes(graph: HookGraph, writes: WritesArg) -> list[Write]:
     out: list[Write] = []
     for w in writes:
-        if isinstance(w, Write):
-            graph[w.name]
+        if isinstance(w, Write):  # its name is checked with the reads' before the run (executors' site_tasks)
             out.append(w)
-            continue
-        pattern, fn, *rest = w
-        steps = rest[0] if rest else None
-        out += [Write(n, fn, steps) for n in graph.names(pattern, include_opt_in=None)]
+        else:
+            pattern, fn, *rest = w
+            out += writes_for(graph, pattern, fn, rest[0] if rest else None)
     return out
 
 

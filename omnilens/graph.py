@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 
+from omnilens.errors import HookError
 from omnilens.views import IDENTITY, View
 
 Port = Literal["input", "output"]
@@ -66,8 +67,6 @@ class HookSpec:
 
     def check_shape(self, expected: torch.Size, actual: Any) -> None:
         """Raise :class:`~omnilens.errors.HookError` unless ``actual`` is a tensor of shape ``expected``."""
-        from omnilens.errors import HookError
-
         if not isinstance(actual, torch.Tensor):
             raise HookError(self.name, f"a tensor of shape {tuple(expected)} [{self.axes}]", type(actual).__name__)
         if actual.shape != expected:

@@ -13,7 +13,7 @@ from torch import nn
 
 from omnilens.adapters import adapter_for
 from omnilens.cache import ActivationCache
-from omnilens.executors.base import HookFn, PosSelector, Read, RunResult, Write
+from omnilens.executors.base import HookFn, PosSelector, Read, RunResult, Write, writes_for
 from omnilens.executors.local import LocalExecutor
 from omnilens.graph import HookGraph
 
@@ -39,10 +39,12 @@ class Lens:
 
     @property
     def graph(self) -> HookGraph:
+        """The model's hook graph (built by its adapter)."""
         return self.adapter.graph
 
     @property
     def config(self):
+        """The wrapped model's Hugging Face config."""
         return self.model.config
 
     def __repr__(self) -> str:
@@ -128,7 +130,7 @@ class Lens:
             ``(logits [batch pos vocab], cache)``; models without logits return their full output.
         """
         reads = [Read(n, pos=pos, to=to, grad=grad) for n in self.graph.names(names)]
-        writes = [Write(n, fn) for n, fn in self._expand_hooks(hooks)]
+        writes = self._writes(hooks)
         res = self.run(inputs, reads, writes, executor=executor, grad=grad, **kwargs)
         return _logits(res.output), ActivationCache(res.values, self.graph, res.meta)
 
@@ -149,7 +151,7 @@ class Lens:
         (written back through the site's view, e.g. one head of ``hook_z`` edits exactly that slice of
         the o_proj input). Returns the logits ``[batch pos vocab]`` (or the full output).
         """
-        writes = [Write(n, fn) for n, fn in self._expand_hooks(hooks)]
+        writes = self._writes(hooks)
         return _logits(self.run(inputs, (), writes, executor=executor, **kwargs).output)
 
     @contextmanager
@@ -157,13 +159,13 @@ class Lens:
         """Keep ``hooks`` (and optionally cache ``cache`` sites) on the model for any forward or generate
         inside the block; everything is removed on exit. Yields the cache, filled as the model runs."""
         reads = [] if cache is False else [Read(n, pos=pos) for n in self.graph.names(None if cache is True else cache)]
-        writes = [Write(n, fn) for n, fn in self._expand_hooks(hooks)]
+        writes = self._writes(hooks)
         executor = self._executors["local"]
         with executor.attach(reads, writes) as values:
             yield ActivationCache(values, self.graph)
 
-    def _expand_hooks(self, hooks: Hooks) -> list[tuple[str, HookFn]]:
-        return [(n, fn) for pattern, fn in hooks for n in self.graph.names(pattern, include_opt_in=None)]
+    def _writes(self, hooks: Hooks) -> list[Write]:
+        return [w for pattern, fn in hooks for w in writes_for(self.graph, pattern, fn)]
 
 
 def _logits(output: Any) -> Any:

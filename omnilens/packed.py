@@ -5,7 +5,7 @@ into one ``[patch d_model]`` tensor, in the order the image processor emits them
 each block of ``merge_size**2`` consecutive patches into one language-model token (``[merged d_model]``).
 A :class:`Segments` records where each image lies in both sequences. ``Lens.run_with_cache`` stores
 ``Adapter.run_meta(inputs)`` in ``cache.meta``: ``"segments"`` (``[start, end)`` per image along each
-packed axis, any adapter) and, for Qwen2-VL, ``"vision"`` (:meth:`Segments.to_meta`: grids and
+packed axis, any adapter) and, for a run with images, ``"vision"`` (:meth:`Segments.to_meta`: grids and
 offsets), so a cached run can be split per image (:func:`per_image`) and reshaped (:func:`to_grid`).
 
 Patch order inside one image is *block-major*: ``(t, h/m, w/m, m, m)`` with ``m = merge_size``, so
@@ -65,10 +65,12 @@ class Segments:
 
     @property
     def n_patches(self) -> list[int]:
+        """Rows per image along the packed ``patch`` axis (``t * h * w``)."""
         return [t * h * w for t, h, w in self.grid_thw]
 
     @property
     def n_merged(self) -> list[int]:
+        """Rows per image along the packed ``merged`` axis (its language-model image tokens)."""
         return [n // self.merge_size**2 for n in self.n_patches]
 
     @property
@@ -83,8 +85,7 @@ class Segments:
 
     def spans(self, axis: str = "patch") -> list[tuple[int, int]]:
         """``[start, end)`` per image along a packed ``patch`` or ``merged`` axis (``Adapter.segments``)."""
-        offsets = self._offsets(axis)
-        return list(zip(offsets[:-1], offsets[1:]))
+        return _pairs(self._offsets(axis))
 
     def span(self, image: int, axis: str = "patch") -> slice:
         """Rows of image ``image`` along a packed ``patch`` or ``merged`` axis."""
@@ -105,8 +106,17 @@ class Segments:
 def _cumsum(sizes: Sequence[int]) -> list[int]:
     out = [0]
     for n in sizes:
-        out.append(out[-1] + n)
+        out.append(out[-1] + int(n))
     return out
+
+
+def _pairs(offsets: list[int]) -> list[tuple[int, int]]:
+    return list(zip(offsets[:-1], offsets[1:]))
+
+
+def spans_of(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """``[start, end)`` of consecutive runs of ``sizes`` rows along a packed axis (clips, images)."""
+    return _pairs(_cumsum(sizes))
 
 
 def split(x: Float[torch.Tensor, "packed *rest"], spans: Sequence[tuple[int, int]]) -> list[torch.Tensor]:

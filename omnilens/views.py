@@ -33,9 +33,11 @@ class View:
     aliases: ClassVar[bool] = True
 
     def view(self, raw: torch.Tensor, ctx: CallContext | None = None) -> torch.Tensor:
+        """The site's tensor (shaped by ``HookSpec.axes``) from the raw module value ``raw``."""
         return raw
 
     def unview(self, new: torch.Tensor, raw: torch.Tensor, ctx: CallContext | None = None) -> torch.Tensor:
+        """The raw module value carrying the edited site tensor ``new`` (same shape as ``view(raw)``)."""
         return new
 
     def __repr__(self) -> str:

@@ -70,7 +70,6 @@ def extract_vision_embeddings(
     labels = list(labels)
     json.dumps(labels)  # fail before any forward when labels cannot be stored
     processor = image_processor if image_processor is not None else image_processor_for(lens.config)
-    merge = lens.config.vision_config.spatial_merge_size
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {
@@ -82,7 +81,7 @@ def extract_vision_embeddings(
     for k, start in enumerate(range(0, len(images), batch_size)):
         batch = images[start:start + batch_size]
         pix = pixel_inputs(batch, processor)
-        segments = Segments.from_grid(pix["image_grid_thw"], merge)
+        segments = lens.adapter.image_segments(pix)
         with lens.hooks(cache=names) as cache, torch.no_grad():
             lens.adapter.encode_images(pix["pixel_values"], pix["image_grid_thw"])
         tensors = {n: _pool_site(cache[n], segments, pooling, merged=n == MERGER) for n in names}
@@ -125,7 +124,10 @@ def generate_with_image_embeddings(
     before the model runs; the hook is removed on exit.
     """
     kw = lens.to_inputs(inputs)
-    segments = Segments.from_grid(kw["image_grid_thw"], lens.config.vision_config.spatial_merge_size)
+    segments = lens.adapter.image_segments(kw)
+    if segments is None:
+        raise HookError(MERGER, "image inputs (pixel_values and image_grid_thw [image 3])",
+                        f"inputs with keys {sorted(kw)}", "Build them with omnilens.inputs.vision_inputs.")
     rows = segments.span(image, "merged")
     expected = (rows.stop - rows.start, lens.config.text_config.hidden_size)
     if tuple(vectors.shape) != expected:

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import omnilens
+from omnilens.hookpoints import HookPoint
 from omnilens.testing import (tiny_omni, tiny_omni_thinker, tiny_omni_tokenizer, tiny_qwen2_vl, tiny_qwen3,
                               tiny_qwen3_moe, tiny_tokenizer)
 
@@ -155,6 +157,15 @@ def hooks_on(model: torch.nn.Module) -> set[tuple[str, str, int]]:
     """Every forward hook and pre-hook on ``model``'s modules, as ``(module, kind, handle id)``."""
     return {(name, kind, key) for name, m in model.named_modules()
             for kind, hooks in (("hook", m._forward_hooks), ("pre", m._forward_pre_hooks)) for key in hooks}
+
+
+def assert_clean(model: torch.nn.Module) -> None:
+    """Nothing of a run is left on ``model``: no forward hooks or pre-hooks, no hook points, every config back
+    on ``sdpa`` attention and no ``"eager"`` attention function registered."""
+    assert hook_counts(model) == 0
+    assert not any(isinstance(m, HookPoint) for m in model.modules())
+    assert all(m.config._attn_implementation == "sdpa" for m in model.modules() if hasattr(m, "config"))
+    assert "eager" not in ALL_ATTENTION_FUNCTIONS
 
 
 @pytest.fixture(scope="module")

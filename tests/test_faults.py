@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hook_counts, make_model
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from conftest import assert_clean, make_model
 
 import omnilens
-from omnilens.hookpoints import HookPoint
 
 
 def assert_model_untouched(lens: omnilens.Lens, batch: dict, logits_before: torch.Tensor) -> None:
     model = lens.model
-    assert hook_counts(model) == 0
-    assert not any(isinstance(m, HookPoint) for m in model.modules())
-    assert all(getattr(m, "config", model.config)._attn_implementation == "sdpa" for m in model.modules()
-               if hasattr(m, "config"))
-    assert "eager" not in ALL_ATTENTION_FUNCTIONS
+    assert_clean(model)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, logits_before)
 

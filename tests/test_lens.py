@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEXTS, hook_counts, hooks_on, make_model
+from conftest import TEXTS, assert_clean, hook_counts, hooks_on, make_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -119,10 +119,7 @@ def test_hooks_context_is_active_for_forwards_and_generate_and_removed_after(len
     patterns = cache.steps("blocks.0.attn.hook_pattern")
     assert patterns[2].shape[-2:] == (4, 4) and patterns[3].shape[-2:] == (1, 5)  # prefill, then one step
     assert generated.shape == (1, 7)
-    assert hook_counts(model) == 0
-    assert model.config._attn_implementation == "sdpa"
-    assert not any(isinstance(m, HookPoint) for m in model.modules())
-    assert "eager" not in ALL_ATTENTION_FUNCTIONS
+    assert_clean(model)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, plain)
 
@@ -132,9 +129,7 @@ def test_hooks_context_cleans_up_when_the_block_raises(lens, batch):
         with lens.hooks(hooks=[("blocks.0.attn.hook_pattern", lambda x, site: x)]):
             assert lens.model.config._attn_implementation == "eager"
             raise RuntimeError("inside the block")
-    assert hook_counts(lens.model) == 0 and lens.model.config._attn_implementation == "sdpa"
-    assert not any(isinstance(m, HookPoint) for m in lens.model.modules())
-    assert "eager" not in ALL_ATTENTION_FUNCTIONS
+    assert_clean(lens.model)
 
 
 def test_a_previously_registered_eager_attention_survives_a_pattern_run(lens, batch):
@@ -212,9 +207,7 @@ def test_nested_runs_keep_the_outer_attention_points(lens, batch):
             lens.model(**batch)
     assert len(outer.steps("blocks.0.attn.hook_pattern")) == 2  # the inner run and the plain forward
     assert torch.equal(outer.steps("blocks.0.attn.hook_pattern")[1], inner["blocks.0.attn.hook_pattern"])
-    assert lens.model.config._attn_implementation == "sdpa" and hook_counts(lens.model) == 0
-    assert not any(isinstance(m, HookPoint) for m in lens.model.modules())
-    assert "eager" not in ALL_ATTENTION_FUNCTIONS
+    assert_clean(lens.model)
 
 
 def test_submodules_are_attributes_of_the_package():

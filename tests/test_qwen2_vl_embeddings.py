@@ -107,6 +107,8 @@ def test_generate_with_wrong_shape_raises_before_running(lens, tokenizer):
     try:
         with pytest.raises(HookError, match=r"vision\.hook_merger.*\(12, 64\).*image 1.*\(4, 64\)"):
             generate_with_image_embeddings(lens, two, 1, torch.zeros(4, 64), max_new_tokens=2)
+        with pytest.raises(HookError, match=r"vision\.hook_merger.*pixel_values and image_grid_thw.*input_ids"):
+            generate_with_image_embeddings(lens, "what colour is the cat ?", 0, torch.zeros(4, 64))
     finally:
         handle.remove()
     assert calls == []

@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
-from conftest import MODEL_KINDS, hook_counts, make_model
+from conftest import MODEL_KINDS, assert_clean, hook_counts, make_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import omnilens
-from omnilens.hookpoints import HookPoint
 
 TOL = 1e-5
 
@@ -303,16 +302,11 @@ def test_head_result_sums_to_attn_out_and_writes_through(batch, bias):
 # --- the attention implementation is switched only for the run ----------------------------------
 
 def test_attention_points_are_removed_and_sdpa_restored(lens, batch):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     assert lens.model.config._attn_implementation == "sdpa"
     _, cache = lens.run_with_cache(batch, names="blocks.*.attn.hook_pattern")
     assert cache["blocks.0.attn.hook_pattern"].shape[1] == lens.config.num_attention_heads
-    assert lens.model.config._attn_implementation == "sdpa"
     assert all(layer.self_attn.config._attn_implementation == "sdpa" for layer in lens.model.model.layers)
-    assert not any(isinstance(m, HookPoint) for m in lens.model.modules())
-    assert "eager" not in ALL_ATTENTION_FUNCTIONS
-    assert hook_counts(lens.model) == 0
+    assert_clean(lens.model)
 
 
 # --- property test over random tiny configs ------------------------------------------------------

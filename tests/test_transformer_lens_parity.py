@@ -38,13 +38,27 @@ def shared(name: str, n_layers: int) -> list[str]:
 def saved(tmp_path_factory, tokenizer):
     """A saved tiny Qwen3 (randomised norms), its lens, and our cache of every site on one prompt."""
     folder = tmp_path_factory.mktemp("qwen3")
-    model = make_model("dense")
+    lens, tokens = saved_lens("dense", folder, tokenizer)
+    logits, cache = lens.run_with_cache(tokens, names=lens.graph.names(include_opt_in=True))
+    return folder, lens, tokens, logits, cache
+
+
+def saved_lens(kind: str, folder, tokenizer) -> tuple[omnilens.Lens, torch.Tensor]:
+    """A tiny Qwen3 of ``kind`` saved with ``tokenizer`` to ``folder``, its lens and the prompt's tokens ``[1 pos]``."""
+    model = make_model(kind)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     lens = omnilens.load(model, tokenizer=tokenizer)
-    tokens = lens.to_tokens("the cat is happy and the dog is sad")
-    logits, cache = lens.run_with_cache(tokens, names=lens.graph.names(include_opt_in=True))
-    return folder, lens, tokens, logits, cache
+    return lens, lens.to_tokens("the cat is happy and the dog is sad")
+
+
+def bridge_cache(folder, tokens: torch.Tensor):
+    """TransformerBridge booted from ``folder``: ``(logits, cache)`` of ``tokens``."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(str(folder), device="cpu")
+    with torch.no_grad():
+        return bridge.run_with_cache(tokens)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,17 +66,17 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-def test_transformer_bridge_parity(saved):
-    from transformer_lens.model_bridge import TransformerBridge
-
-    folder, lens, tokens, logits, ours = saved
-    bridge = TransformerBridge.boot_transformers(str(folder), device="cpu")
-    with torch.no_grad():
-        tl_logits, tl = bridge.run_with_cache(tokens)
-    n = lens.config.num_hidden_layers
-    for site in SAME_NAMES:
-        for name in shared(site, n):
+def assert_same_sites(ours, tl, sites: list[str], n_layers: int) -> None:
+    """Every layer's ``sites`` (and ``hook_embed``) agree within ``TOL`` under the same name."""
+    for site in sites:
+        for name in shared(site, n_layers):
             assert max_diff(ours[name], tl[name]) <= TOL, name
+
+
+def test_transformer_bridge_parity(saved):
+    folder, lens, tokens, logits, ours = saved
+    tl_logits, tl = bridge_cache(folder, tokens)
+    assert_same_sites(ours, tl, SAME_NAMES, lens.config.num_hidden_layers)
     for i, layer in enumerate(lens.model.model.layers):
         for ln, module in (("ln1", layer.input_layernorm), ("ln2", layer.post_attention_layernorm)):
             name = f"blocks.{i}.{ln}.hook_normalized"
@@ -89,10 +103,7 @@ def test_hooked_transformer_parity(saved):
     ht.set_use_attn_result(True)
     with torch.no_grad():
         tl_logits, tl = ht.run_with_cache(tokens)
-    n = lens.config.num_hidden_layers
-    for site in [*SAME_NAMES, "attn.hook_result"]:
-        for name in shared(site, n):
-            assert max_diff(ours[name], tl[name]) <= TOL, name
+    assert_same_sites(ours, tl, [*SAME_NAMES, "attn.hook_result"], lens.config.num_hidden_layers)
     for i, layer in enumerate(lens.model.model.layers):
         for ln, module in (("ln1", layer.input_layernorm), ("ln2", layer.post_attention_layernorm)):
             name = f"blocks.{i}.{ln}.hook_normalized"
@@ -107,21 +118,11 @@ def test_hooked_transformer_parity(saved):
 
 
 def test_transformer_bridge_parity_moe(tmp_path, tokenizer):
-    from transformer_lens.model_bridge import TransformerBridge
-
-    model = make_model("moe")
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    lens = omnilens.load(model, tokenizer=tokenizer)
-    tokens = lens.to_tokens("the cat is happy and the dog is sad")
+    lens, tokens = saved_lens("moe", tmp_path, tokenizer)
     logits, ours = lens.run_with_cache(tokens)
-    bridge = TransformerBridge.boot_transformers(str(tmp_path), device="cpu")
-    with torch.no_grad():
-        tl_logits, tl = bridge.run_with_cache(tokens)
+    tl_logits, tl = bridge_cache(tmp_path, tokens)
     n = lens.config.num_hidden_layers
-    for site in [s for s in SAME_NAMES if not s.startswith("mlp.")]:
-        for name in shared(site, n):
-            assert max_diff(ours[name], tl[name]) <= TOL, name
+    assert_same_sites(ours, tl, [s for s in SAME_NAMES if not s.startswith("mlp.")], n)
     for i in range(n):
         assert max_diff(ours[f"blocks.{i}.mlp.hook_router_logits"], tl[f"blocks.{i}.mlp.gate.hook_out"]) <= TOL
         assert max_diff(ours[f"blocks.{i}.ln2.hook_normalized"], tl[f"blocks.{i}.mlp.hook_pre"]) <= TOL

@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
 from omnilens.graph import HookGraph, HookSpec
 from omnilens.hookpoints import attention_points
+
+if TYPE_CHECKING:
+    from omnilens.packed import Segments
 
 
 def _ids_only(output: Any) -> tuple[Any, Any]:
@@ -49,6 +52,7 @@ class Adapter:
         self.graph = self.build_graph()
 
     def build_graph(self) -> HookGraph:
+        """The model's :class:`HookGraph` (subclasses implement it; called once, in ``__init__``)."""
         raise NotImplementedError
 
     def module(self, path: str) -> nn.Module:
@@ -77,14 +81,25 @@ class Adapter:
         """Validate and complete forward kwargs before any forward runs (default: unchanged)."""
         return inputs
 
+    def image_segments(self, inputs: dict[str, Any]) -> Segments | None:
+        """The :class:`~omnilens.packed.Segments` of a run's packed images (default: none)."""
+        return None
+
     def segments(self, inputs: dict[str, Any]) -> dict[str, list[tuple[int, int]]]:
-        """``[start, end)`` per clip/image along packed encoder axes, keyed by axis name (default: none)."""
-        return {}
+        """``[start, end)`` per clip/image along packed encoder axes, keyed by axis name (default: each
+        image's span along ``patch`` and ``merged``, from :meth:`image_segments`)."""
+        seg = self.image_segments(inputs)
+        return {} if seg is None else {axis: seg.spans(axis) for axis in ("patch", "merged")}
 
     def run_meta(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Facts about one run put into ``ActivationCache.meta`` (default: ``{"segments": ...}`` when any)."""
+        """Facts about one run put into ``ActivationCache.meta``: ``"segments"`` when any, and ``"vision"``
+        (:meth:`Segments.to_meta <omnilens.packed.Segments.to_meta>`: grids, offsets) for a run with images."""
         segments = self.segments(inputs)
-        return {"segments": segments} if segments else {}
+        meta: dict[str, Any] = {"segments": segments} if segments else {}
+        seg = self.image_segments(inputs)
+        if seg is not None:
+            meta["vision"] = seg.to_meta()
+        return meta
 
     def generation_plan(self, inputs: dict[str, Any], *, return_audio: bool | None = None,
                         **kwargs: Any) -> GenerationPlan:

@@ -58,6 +58,7 @@ class DecoderLayout:
 
     @property
     def prefix(self) -> str:
+        """The tower's name prefix of its site names (``"vision."``; ``""`` for the root tower)."""
         return f"{self.tower}." if self.tower else ""
 
 

@@ -15,7 +15,7 @@ import torch
 
 from omnilens.adapters.base import Adapter
 from omnilens.adapters.decoder import DecoderLayout, decoder_specs
-from omnilens.adapters.vision import VisionTowerLayout, check_vision_media, vision_specs
+from omnilens.adapters.vision import VisionTowerLayout, check_vision_media, image_segments, vision_specs
 from omnilens.graph import HookGraph
 from omnilens.packed import Segments
 
@@ -64,6 +64,7 @@ class Qwen2VLAdapter(Adapter):
 
     @property
     def merge_size(self) -> int:
+        """Spatial merge size ``m`` of the vision tower (``m x m`` patches make one language-model token)."""
         return self.model.config.vision_config.spatial_merge_size
 
     def prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -85,20 +86,7 @@ class Qwen2VLAdapter(Adapter):
 
     def image_segments(self, inputs: dict[str, Any]) -> Segments | None:
         """The images' :class:`~omnilens.packed.Segments` of a run (``None`` without images)."""
-        grid = inputs.get("image_grid_thw")
-        if grid is None or inputs.get("pixel_values") is None:
-            return None
-        return Segments.from_grid(grid, self.merge_size)
-
-    def segments(self, inputs: dict[str, Any]) -> dict[str, list[tuple[int, int]]]:
-        """``[start, end)`` of each image along the packed ``patch`` and ``merged`` axes."""
-        seg = self.image_segments(inputs)
-        return {} if seg is None else {axis: seg.spans(axis) for axis in ("patch", "merged")}
-
-    def run_meta(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """``segments`` (base) plus ``"vision"``: the images' grids and offsets (``Segments.to_meta``)."""
-        seg = self.image_segments(inputs)
-        return {} if seg is None else {**super().run_meta(inputs), "vision": seg.to_meta()}
+        return image_segments(inputs, self.merge_size)
 
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """Run only the vision tower; returns the merged tokens ``[merged d_model]`` (all images packed)."""

@@ -27,22 +27,22 @@ from torch import nn
 from omnilens.adapters.base import Adapter, GenerationPlan
 from omnilens.adapters.decoder import DecoderLayout, decoder_specs
 from omnilens.adapters.qwen3 import qwen3_layout
-from omnilens.adapters.vision import VisionTowerLayout, check_vision_media, vision_specs
+from omnilens.adapters.vision import VisionTowerLayout, check_vision_media, image_segments, vision_specs
 from omnilens.errors import HookError
 from omnilens.graph import HookGraph, HookSpec
 from omnilens.hookpoints import HookPoint
-from omnilens.inputs.audio import feat_extract_output_lengths
-from omnilens.packed import Segments
+from omnilens.inputs.audio import clip_tokens
+from omnilens.packed import Segments, spans_of
 from omnilens.views import TupleItem
 
 DEEPSTACK = frozenset({"deepstack_points"})
 
 
-def _relocate(specs: list[HookSpec], changes: dict[str, dict[str, Any]], layer_paths: dict[int, str]) -> list[HookSpec]:
+def _relocate(specs: list[HookSpec], changes: dict[str, dict[str, Any]], layers: str) -> list[HookSpec]:
     """Replace fields of block sites, keyed by the site's ``component.site`` (``"mlp.hook_pre"``).
 
     ``changes[key]`` maps field names to values; a ``module`` value is relative to the block
-    (``layer_paths[layer]``).
+    (``{layers}.{layer}``, ``layers`` being the layout's ``DecoderLayout.layers``).
     """
     out = []
     for spec in specs:
@@ -52,7 +52,7 @@ def _relocate(specs: list[HookSpec], changes: dict[str, dict[str, Any]], layer_p
             continue
         change = dict(changes[key])
         if "module" in change:
-            change["module"] = f"{layer_paths[spec.layer]}.{change['module']}"
+            change["module"] = f"{layers}.{spec.layer}.{change['module']}"
         out.append(dataclasses.replace(spec, **change))
     return out
 
@@ -98,14 +98,13 @@ class Qwen3OmniAdapter(Adapter):
             seq_axes="frame", o="out_proj", ln1="self_attn_layer_norm", ln2="final_layer_norm",
             mlp_gate="fc1", mlp_up=None, mlp_down="fc2", attn_output_is_tuple=False, rotary=False,
         )
-        paths = {i: f"{lay.layers}.{i}" for i in range(lay.n_layers)}
         blocks = _relocate(decoder_specs(lay), {
             "mlp.hook_pre": {"module": "fc1", "doc": "fc1 output (pre-activation)"},
             "mlp.hook_post": {"module": "fc2", "doc": "hidden activation (fc2 input)"},
             "resid.hook_mlp_out": {"module": "fc2", "doc": "MLP block output (fc2 output)"},
             "resid.hook_resid_post": {"view": TupleItem(0)},
             "attn.hook_pattern": {"doc": "softmax pattern of one attention window per visit (eager attention)"},
-        }, paths)
+        }, lay.layers)
         conv = _site("audio", "audio.hook_conv", "conv", "hook_conv", "chunk time d_model", f"{at}.conv_out",
                      "conv front end output per padded feature chunk (before positions and packing)")
         out = _site("audio", "audio.hook_out", "out", "hook_out", "frame d_thinker", f"{at}.proj2",
@@ -157,10 +156,9 @@ class Qwen3OmniAdapter(Adapter):
         talker = qwen3_layout(tc.text_config, tower="talker", root="talker.model", unembed="talker.codec_head")
         talker = dataclasses.replace(talker, embed=None, shared_expert="shared_expert",
                                      mlp_kinds=["moe"] * talker.n_layers)
-        paths = {i: f"{talker.layers}.{i}" for i in range(talker.n_layers)}
         talker_specs = _relocate(decoder_specs(talker), {
             "mlp.shared_expert.hook_out": {"axes": "token d_model"},
-        }, paths)
+        }, talker.layers)
         talker_specs[-1] = dataclasses.replace(talker_specs[-1], doc="codec group 0 logits (codec_head output)")
         cp_cfg = tc.code_predictor_config
         cp = qwen3_layout(cp_cfg, tower="talker.code_predictor", root="talker.code_predictor.model", unembed=None)
@@ -177,7 +175,7 @@ class Qwen3OmniAdapter(Adapter):
         c2w_specs = _relocate(decoder_specs(c2w), {
             "resid.hook_attn_out": {"doc": "attention block output (before self_attn_layer_scale)"},
             "resid.hook_mlp_out": {"doc": "MLP block output (before mlp_layer_scale)"},
-        }, {i: f"{c2w.layers}.{i}" for i in range(c2w.n_layers)})
+        }, c2w.layers)
         wav = _site("code2wav", "code2wav.hook_out", "out", "hook_out", "batch channel sample", "code2wav",
                     "waveform decoded from the codec frames (one visit per decoded chunk)")
         return [text_proj, hidden_proj, *talker_specs, *decoder_specs(cp), *cp_logits, *c2w_specs, wav]
@@ -256,11 +254,11 @@ class Qwen3OmniAdapter(Adapter):
             if feats.dim() != 3 or feats.shape[1] != mel:
                 raise HookError(site, f"input_features of shape [clip {mel} frame] (num_mel_bins={mel})",
                                 f"shape {tuple(feats.shape)}")
-            if tuple(mask.shape) != (feats.shape[0], feats.shape[2]):
-                want = (feats.shape[0], feats.shape[2])
+            want = (feats.shape[0], feats.shape[2])
+            if tuple(mask.shape) != want:
                 raise HookError(site, f"feature_attention_mask of shape {want} [clip frame] to match input_features "
                                 f"{tuple(feats.shape)}", f"shape {tuple(mask.shape)}")
-            n_tokens = int(feat_extract_output_lengths(mask.sum(-1), cfg.audio_config.n_window).sum())
+            n_tokens = sum(clip_tokens(inputs, cfg.audio_config.n_window))
             if n_audio_tokens is not None and n_audio_tokens != n_tokens:
                 raise HookError(site, f"{n_tokens} audio tokens (id {cfg.audio_token_id}) in input_ids for feature "
                                 f"lengths {mask.sum(-1).tolist()}", f"{n_audio_tokens}",
@@ -278,26 +276,14 @@ class Qwen3OmniAdapter(Adapter):
         (``vision.hook_patch_embed``, ``vision.blocks.*``) and ``"merged"`` (``vision.hook_merger``,
         ``vision.deepstack.*``).
         """
-        cfg = self.thinker_config
-        out: dict[str, list[tuple[int, int]]] = {}
-        mask = inputs.get("feature_attention_mask")
-        if inputs.get("input_features") is not None and mask is not None:
-            out["frame"] = _spans(feat_extract_output_lengths(mask.sum(-1), cfg.audio_config.n_window).tolist())
-        grid = inputs.get("image_grid_thw")
-        if inputs.get("pixel_values") is not None and grid is not None:
-            patches = grid.prod(-1)
-            out["patch"] = _spans(patches.tolist())
-            out["merged"] = _spans((patches // cfg.vision_config.spatial_merge_size**2).tolist())
+        out = super().segments(inputs)
+        if inputs.get("input_features") is not None and inputs.get("feature_attention_mask") is not None:
+            out = {"frame": spans_of(clip_tokens(inputs, self.thinker_config.audio_config.n_window)), **out}
         return out
 
-    def run_meta(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """``{"segments": self.segments(inputs)}`` plus ``{"vision": Segments.to_meta()}`` for a run with images
-        (so :func:`omnilens.packed.per_image` splits the vision sites)."""
-        meta = super().run_meta(inputs)
-        grid = inputs.get("image_grid_thw")
-        if grid is not None and inputs.get("pixel_values") is not None:
-            meta["vision"] = Segments.from_grid(grid, self.thinker_config.vision_config.spatial_merge_size).to_meta()
-        return meta
+    def image_segments(self, inputs: dict[str, Any]) -> Segments | None:
+        """The images' :class:`~omnilens.packed.Segments` of a run (``None`` without images)."""
+        return image_segments(inputs, self.thinker_config.vision_config.spatial_merge_size)
 
     # generation -----------------------------------------------------------------------------------
     def generation_plan(self, inputs: dict[str, Any], *, return_audio: bool | None = None,
@@ -348,14 +334,6 @@ def _unpack_omni(output: Any) -> tuple[torch.Tensor, Any]:
     if isinstance(output, tuple):
         return output[0], output[1]
     return getattr(output, "sequences", output), None
-
-
-def _spans(lengths: list[int]) -> list[tuple[int, int]]:
-    out, start = [], 0
-    for n in lengths:
-        out.append((start, start + int(n)))
-        start += int(n)
-    return out
 
 
 @contextmanager

@@ -22,6 +22,9 @@ Stable API (other adapters build on it; extend, do not change):
 ``check_vision_media(inputs, config)``
     ``check_media`` for both images and videos of a config with ``vision_config``,
     ``image_token_id`` and ``video_token_id``, naming ``vision.hook_patch_embed``.
+``image_segments(inputs, merge_size)``
+    The images' :class:`~omnilens.packed.Segments` of a run (``None`` without images), for
+    ``Adapter.segments`` / ``Adapter.run_meta``.
 
 Axes: ``patch`` is the packed patch axis (all images concatenated, no batch axis); ``merged`` the
 merger's output axis (language-model image tokens). Hugging Face's non-flash vision attention calls
@@ -42,6 +45,7 @@ import torch
 from omnilens.adapters.decoder import ATTENTION_POINTS, DecoderLayout, decoder_specs
 from omnilens.errors import HookError
 from omnilens.graph import HookSpec
+from omnilens.packed import Segments
 from omnilens.views import View
 
 
@@ -103,9 +107,11 @@ class VisionTowerLayout:
 
     @property
     def d_head(self) -> int:
+        """Per-head width ``d_model // n_heads``."""
         return self.d_model // self.n_heads
 
     def path(self, rel: str) -> str:
+        """Dotted module path of ``rel`` (relative to the tower) from the model root."""
         return f"{self.root}.{rel}"
 
 
@@ -213,6 +219,15 @@ def check_vision_media(inputs: dict, config) -> None:
                                           ("pixel_values_videos", "video_grid_thw", config.video_token_id)):
         check_media(inputs, pixel_key=pixel_key, grid_key=grid_key, token_id=token_id,
                     merge_size=vc.spatial_merge_size, patch_dim=patch_dim, site="vision.hook_patch_embed")
+
+
+def image_segments(inputs: dict, merge_size: int) -> Segments | None:
+    """The images' :class:`~omnilens.packed.Segments` of a run's inputs (``None`` without ``pixel_values`` and
+    ``image_grid_thw`` ``[image 3]``)."""
+    grid = inputs.get("image_grid_thw")
+    if grid is None or inputs.get("pixel_values") is None:
+        return None
+    return Segments.from_grid(grid, merge_size)
 
 
 def _runs(mask: torch.Tensor) -> list[int]:

@@ -99,18 +99,33 @@ def unview_into(spec: HookSpec, new: torch.Tensor, raw: Any, ctx: CallContext) -
     return spec.view.unview(new, raw, ctx)
 
 
-def sites_of(graph: HookGraph, reads: Sequence[Read], writes: Sequence[Write],
-             ) -> tuple[list[HookSpec], dict[str, list[Read]], dict[str, list[Write]]]:
-    """The specs of the sites that ``reads`` and ``writes`` name (first mention first), and the reads and
-    the writes of each site name (``defaultdict(list)``: an untouched name gives ``[]``)."""
-    specs = [graph[n] for n in dict.fromkeys([r.name for r in reads] + [w.name for w in writes])]
+@dataclass(frozen=True)
+class SiteTask:
+    """One site of a run: its spec and the reads and writes asked of it."""
+
+    spec: HookSpec
+    reads: tuple[Read, ...]
+    writes: tuple[Write, ...]
+
+
+def site_tasks(graph: HookGraph, reads: Sequence[Read], writes: Sequence[Write]) -> list[SiteTask]:
+    """One :class:`SiteTask` per site that ``reads`` and ``writes`` name, in forward order (an unknown
+    name raises ``KeyError`` with the closest valid names)."""
     reads_by: dict[str, list[Read]] = defaultdict(list)
     writes_by: dict[str, list[Write]] = defaultdict(list)
     for r in reads:
         reads_by[r.name].append(r)
     for w in writes:
         writes_by[w.name].append(w)
-    return specs, reads_by, writes_by
+    names = sorted(reads_by.keys() | writes_by.keys(), key=graph.order)
+    return [SiteTask(graph[n], tuple(reads_by[n]), tuple(writes_by[n])) for n in names]
+
+
+def writes_for(graph: HookGraph, pattern: str | Sequence[str], fn: HookFn,
+               steps: Sequence[int] | None = None) -> list[Write]:
+    """One :class:`Write` of ``fn`` per site ``pattern`` selects (opt-in sites included when named or
+    when only they match, see :meth:`HookGraph.names`)."""
+    return [Write(n, fn, steps) for n in graph.names(pattern, include_opt_in=None)]
 
 
 def serve_site(spec: HookSpec, raw: Any, ctx: CallContext, reads: Sequence[Read], writes: Sequence[Write],

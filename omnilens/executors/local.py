@@ -10,8 +10,7 @@ from typing import Any
 import torch
 
 from omnilens.adapters.base import Adapter
-from omnilens.executors.base import Read, RunResult, Write, serve_site, sites_of
-from omnilens.graph import HookSpec
+from omnilens.executors.base import Read, RunResult, SiteTask, Write, serve_site, site_tasks
 from omnilens.views import CallContext
 
 
@@ -31,51 +30,52 @@ class LocalExecutor:
     @contextmanager
     def attach(self, reads: Sequence[Read], writes: Sequence[Write]) -> Iterator[dict[str, list[torch.Tensor]]]:
         """Attach reads and writes for the duration of the block; yields the per-site values."""
-        graph = self.adapter.graph
-        specs, by_site_reads, by_site_writes = sites_of(graph, reads, writes)
-        groups: dict[tuple[str, str], list[HookSpec]] = defaultdict(list)
-        for spec in sorted(specs, key=lambda s: graph.order(s.name)):
-            groups[(spec.module, spec.port)].append(spec)
+        tasks = site_tasks(self.adapter.graph, reads, writes)
+        groups: dict[tuple[str, str], list[SiteTask]] = defaultdict(list)
+        for task in tasks:
+            groups[(task.spec.module, task.spec.port)].append(task)
         values: dict[str, list[torch.Tensor]] = defaultdict(list)
         visits: dict[str, int] = defaultdict(int)
+        guard_reads = bool(writes)
         handles = []
 
-        def process(spec_list: list[HookSpec], raw: Any, ctx: CallContext) -> tuple[Any, bool]:
+        def process(site_list: list[SiteTask], raw: Any, ctx: CallContext) -> tuple[Any, bool]:
             changed = False
-            for spec in spec_list:
-                step = visits[spec.name]
-                visits[spec.name] += 1
-                raw, hit = serve_site(spec, raw, ctx, by_site_reads.get(spec.name, ()),
-                                      by_site_writes.get(spec.name, ()), step, values, guard_reads=bool(writes))
+            for site in site_list:
+                name = site.spec.name
+                step = visits[name]
+                visits[name] = step + 1
+                raw, hit = serve_site(site.spec, raw, ctx, site.reads, site.writes, step, values,
+                                      guard_reads=guard_reads)
                 changed = changed or hit
             return raw, changed
 
-        def output_hook(spec_list):
+        def output_hook(site_list):
             def hook(module, args, output):
-                raw, changed = process(spec_list, output, CallContext(module, args, output))
+                raw, changed = process(site_list, output, CallContext(module, args, output))
                 return raw if changed else None
             return hook
 
-        def input_hook(spec_list):
+        def input_hook(site_list):
             def hook(module, args, kwargs):
                 if args:
-                    raw, changed = process(spec_list, args[0], CallContext(module, args))
+                    raw, changed = process(site_list, args[0], CallContext(module, args))
                     return ((raw, *args[1:]), kwargs) if changed else None
                 key = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
-                raw, changed = process(spec_list, kwargs[key], CallContext(module, (kwargs[key],)))
+                raw, changed = process(site_list, kwargs[key], CallContext(module, (kwargs[key],)))
                 return (args, {**kwargs, key: raw}) if changed else None
             return hook
 
-        with self.adapter.instrument(specs):
+        with self.adapter.instrument([task.spec for task in tasks]):
             try:
-                for (path, port), spec_list in groups.items():
+                for (path, port), site_list in groups.items():
                     module = self.adapter.module(path)
                     if port == "output":
-                        hook = _ours(output_hook(spec_list))
+                        hook = _ours(output_hook(site_list))
                         handles.append(module.register_forward_hook(hook))
                         _ahead_of_foreign(module._forward_hooks)
                     else:
-                        hook = _ours(input_hook(spec_list))
+                        hook = _ours(input_hook(site_list))
                         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
                         _ahead_of_foreign(module._forward_pre_hooks)
                 yield values

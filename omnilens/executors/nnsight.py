@@ -40,20 +40,11 @@ from typing import Any
 import torch
 
 from omnilens.adapters.base import Adapter
-from omnilens.executors.base import Read, RunResult, Write, serve_site, sites_of
+from omnilens.executors.base import Read, RunResult, SiteTask, Write, serve_site, site_tasks
 from omnilens.graph import HookSpec
 from omnilens.views import CallContext
 
 REMOTE_MODES = (False, "local", True)
-
-
-@dataclass(frozen=True)
-class SiteTask:
-    """One site of a module: its spec and the reads and writes asked of it."""
-
-    spec: HookSpec
-    reads: tuple[Read, ...]
-    writes: tuple[Write, ...]
 
 
 @dataclass(frozen=True)
@@ -113,14 +104,13 @@ class NNsightExecutor:
         under ``generate`` one per step; in a forward, attention points once per image or window, other
         sites once.
         """
-        graph = self.adapter.graph
-        specs, reads_by, writes_by = sites_of(graph, reads, writes)
+        sites = site_tasks(self.adapter.graph, reads, writes)
+        specs = [site.spec for site in sites]
         if self.remote is True:
             _check_remote_sites(specs)
         by_module: dict[str, dict[str, list[SiteTask]]] = defaultdict(lambda: {"input": [], "output": []})
-        for spec in sorted(specs, key=lambda s: graph.order(s.name)):
-            task = SiteTask(spec, tuple(reads_by[spec.name]), tuple(writes_by[spec.name]))
-            by_module[spec.module][spec.port].append(task)
+        for site in sites:
+            by_module[site.spec.module][site.spec.port].append(site)
         trace_options: dict[str, Any] = {}
         if self.backend is not None:
             trace_options["backend"] = self.backend

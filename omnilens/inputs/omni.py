@@ -24,7 +24,7 @@ import torch
 
 from omnilens.inputs.audio import audio_features, clip_tokens
 from omnilens.inputs.vision import ForwardKwargs, image_processor_for, pixel_inputs
-from omnilens.packed import Segments
+from omnilens.packed import Segments, spans_of
 
 Part = str | Mapping[str, Any]
 
@@ -107,10 +107,7 @@ def omni_inputs(
         input_ids[i, shift:] = torch.tensor(r)
         attention_mask[i, shift:] = 1
         spans[i] = {k: [slice(s.start + shift, s.stop + shift) for s in v] for k, v in spans[i].items()}
-    offsets = [0]
-    for n in n_audio:
-        offsets.append(offsets[-1] + n)
-    audio_segments = [slice(a, b) for a, b in zip(offsets, offsets[1:])]
+    audio_segments = [slice(a, b) for a, b in spans_of(n_audio)]
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
     return OmniInputs(inputs, spans, audio_segments, vision)
 
