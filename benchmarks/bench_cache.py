@@ -28,12 +28,12 @@ import copy
 import random
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
 
 import omnilens
+from _common import add_threads_option, clock, set_threads
 from omnilens.testing import tiny_qwen3, tiny_tokenizer
 
 LAYERS, D_MODEL, HEADS, KV_HEADS, D_HEAD, D_MLP = 8, 512, 8, 4, 64, 1536
@@ -102,12 +102,10 @@ def measure(fns: dict[str, Callable[[], object]], rounds: int, warmup: int) -> d
         for r in range(warmup + rounds):
             rng.shuffle(order)
             for name in order:
-                w0, c0 = time.perf_counter(), time.process_time()
-                fns[name]()
-                w1, c1 = time.perf_counter(), time.process_time()
+                _, w, c = clock(fns[name])
                 if r >= warmup:
-                    wall[name].append(w1 - w0)
-                    cpu[name].append(c1 - c0)
+                    wall[name].append(w)
+                    cpu[name].append(c)
     return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
 
 
@@ -115,10 +113,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
+    add_threads_option(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     model = build_model()
     ids = torch.randint(10, model.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as folder:

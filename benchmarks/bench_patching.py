@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens's per-cell progress bars
 
@@ -25,6 +24,7 @@ from transformer_lens import HookedTransformer, loading  # noqa: E402
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 import omnilens  # noqa: E402
+from _common import add_threads_option, clock, set_threads  # noqa: E402
 from omnilens.patching import LogitDiff, Sweep, patch_attribution, patch_exact, rank_correlation  # noqa: E402
 from omnilens.testing import tiny_tokenizer  # noqa: E402
 
@@ -84,10 +84,8 @@ CPU: dict[str, float] = {}
 
 def timed(fn, name: str):
     """``(fn(), wall seconds)``; the process CPU seconds go to ``CPU[name]`` (steadier on a shared machine)."""
-    start, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    CPU[name] = time.process_time() - cpu
-    return out, time.perf_counter() - start
+    out, wall, CPU[name] = clock(fn)
+    return out, wall
 
 
 def main() -> None:
@@ -97,10 +95,9 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    add_threads_option(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
 
     model = build(args.d_model, args.layers, args.heads, args.vocab)
     lens = omnilens.load(model)

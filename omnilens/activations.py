@@ -67,6 +67,7 @@ class Pooling:
         return self.kind == "all" or (self.kind == "span" and self.reduce == "all")
 
     def describe(self) -> dict[str, Any]:
+        """The pooling as JSON-able data (kind; for spans, the reduction and where the spans came from)."""
         out: dict[str, Any] = {"kind": self.kind}
         if self.kind == "span":
             out["reduce"] = self.reduce

@@ -2,6 +2,7 @@
 
     omnilens patch                      # the main job: patching heatmaps of the embedded induction model
     omnilens patch --model PATH --sweep resid,heads,heads-pos --metric log_prob --out results/
+    omnilens patch --plotlyjs directory    # the HTML files share one plotly.min.js instead of 4.7 MB each
     omnilens zoo                        # list the embedded models
 
 ``patch`` builds clean/corrupted repeated random sequences (the clean prompt's last token occurred
@@ -78,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--seg-len", type=int, default=10, help="length of the repeated segment (default: 10)")
     pp.add_argument("--seed", type=int, default=0, help="seed of the random sequences (default: 0)")
     pp.add_argument("--top", type=int, default=5, help="components printed per result (default: 5)")
+    pp.add_argument("--plotlyjs", default="inline", choices=("inline", "directory"),
+                    help="inline: each HTML file carries plotly.js (about 4.7 MB, stands alone); directory: one "
+                         "plotly.min.js in the output folder, shared by its HTML files (default: inline)")
     pp.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     pp.set_defaults(run=_patch)
     zp = sub.add_parser("zoo", help="list the embedded zoo models")
@@ -112,6 +116,7 @@ def _patch(args: argparse.Namespace) -> int:
     print(f"           corrupted {_text(lens, pairs.corrupted[0])}")
     print(f"metric     {args.metric} at the last position; {args.direction}; 0 = corrupted, 1 = clean")
 
+    plotlyjs = True if args.plotlyjs == "inline" else args.plotlyjs
     methods = ["exact", "atp"] if args.method == "both" else [args.method]
     jobs = [(m, name, sw) for name, sw in sweeps for m in methods]
     results: dict[tuple[str, str], Any] = {}
@@ -130,7 +135,7 @@ def _patch(args: argparse.Namespace) -> int:
         for labels, value in top:
             print(f"    {_component(labels):28s} {value:+.3f}")
         stem = out / f"{method}_{name}"
-        written += save(res.to_figure(), stem)
+        written += save(res.to_figure(), stem, include_plotlyjs=plotlyjs)
         written.append(res.save(stem.with_suffix(".safetensors")))
         summary["results"][f"{method}_{name}"] = [{"component": _component(lab), "score": v} for lab, v in top]
     if args.method == "both":
@@ -140,7 +145,7 @@ def _patch(args: argparse.Namespace) -> int:
             summary["results"][f"agreement_{name}"] = rho
             print(f"exact vs AtP rank correlation, {name:9s} {rho:+.3f}")
     if args.metric == "logit_diff":
-        written += _dla(lens, pairs, out, args.top, summary)
+        written += _dla(lens, pairs, out, args.top, summary, plotlyjs)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     written.append(out / "summary.json")
     print(f"\nwrote {len(written)} files to {out}/ in {time.time() - t0:.1f}s"
@@ -205,9 +210,10 @@ def _metric(name: str, pairs):
             "prob": lambda: Prob(pairs.answer), "kl": lambda: KLToClean()}[name]()
 
 
-def _dla(lens, pairs, out: Path, k: int, summary: dict) -> list[Path]:
-    """Rank heads by direct logit attribution (answer - wrong token) on the clean prompts."""
+def _dla(lens, pairs, out: Path, k: int, summary: dict, plotlyjs: bool | str) -> list[Path]:
+    """Rank heads by direct logit attribution (answer - wrong token) on the clean prompts; save its heatmap."""
     from omnilens.heads import direct_logit_attribution
+    from omnilens.viz import save
 
     scores = direct_logit_attribution(lens, pairs.clean, pairs.answer, pairs.wrong)
     print(f"\ndirect logit attribution (clean, answer - wrong token), top {k}:")
@@ -215,20 +221,13 @@ def _dla(lens, pairs, out: Path, k: int, summary: dict) -> list[Path]:
     for layer, head, value in top:
         print(f"    {_component({'layer': str(layer), 'head': str(head)}):28s} {value:+.3f}")
     summary["results"]["dla_heads"] = [{"component": f"L{l}.H{h}", "score": v} for l, h, v in top]
-    path = out / "dla_heads.html"
-    scores.figure().write_html(str(path))
-    return [path]
+    return save(scores.figure(), out / "dla_heads.html", include_plotlyjs=plotlyjs)
 
 
 def _top(res, k: int) -> list[tuple[dict[str, str], float]]:
     """The ``k`` components that matter most: largest ``|value|`` when denoising (0 = corrupted), largest
     ``|1 - value|`` when noising (1 = clean: an unimportant component leaves the clean run unchanged)."""
-    if res.direction == "denoise":
-        return res.top(k)
-    order = (1 - res.values).abs().reshape(-1).argsort(descending=True)[:k]
-    flat = res.values.reshape(-1)
-    return [({a: res.labels[a][int(j)] for a, j in zip(res.axes, torch.unravel_index(i, res.shape))}, float(flat[i]))
-            for i in order]
+    return res.top(k, reference=0.0 if res.direction == "denoise" else 1.0)
 
 
 def _component(labels: dict[str, str]) -> str:

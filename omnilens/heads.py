@@ -41,11 +41,7 @@ class HeadScores:
 
     def top(self, k: int = 5, *, by_abs: bool = False) -> list[tuple[int, int, float]]:
         """The ``k`` highest heads as ``(layer, head, value)`` (by absolute value if ``by_abs``)."""
-        flat = self.values.flatten()
-        key = flat.abs() if by_abs else flat
-        order = sorted(range(flat.numel()), key=lambda i: (-float(key[i]), i))[:k]
-        n_heads = self.values.shape[1]
-        return [(self.layers[i // n_heads], i % n_heads, float(flat[i])) for i in order]
+        return top_heads(self.values, self.layers, k, by_abs=by_abs)
 
     def figure(self):
         """Plotly heatmap, layer x head (diverging colours centred on 0 when values change sign)."""
@@ -59,6 +55,17 @@ class HeadScores:
                                    zmax=lim if signed else None))
         fig.update_layout(title=self.name, xaxis_title="head", yaxis_title="layer")
         return fig
+
+
+def top_heads(values: Float[torch.Tensor, "layer head"], layers: Sequence[int], k: int, *,
+              by_abs: bool = False) -> list[tuple[int, int, float]]:
+    """The ``k`` highest entries of ``values`` as ``(layers[row], head, value)``, highest first (by absolute
+    value if ``by_abs``; ties: earlier row, then earlier head)."""
+    flat = values.flatten()
+    key = flat.abs() if by_abs else flat
+    order = sorted(range(flat.numel()), key=lambda i: (-float(key[i]), i))[:k]
+    n_heads = values.shape[1]
+    return [(layers[i // n_heads], i % n_heads, float(flat[i])) for i in order]
 
 
 def _block_sites(lens, site: str, tower: str) -> list:

@@ -97,6 +97,7 @@ class Intervention:
 
     @property
     def selectors(self) -> dict[str, Selector]:
+        """Selector name (``pos``, ``head``, ``kv_head``, ``expert``, ``batch``) -> its value."""
         return {"pos": self.pos, "head": self.head, "kv_head": self.kv_head, "expert": self.expert,
                 "batch": self.batch}
 

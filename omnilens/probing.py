@@ -31,6 +31,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from omnilens.activations import ActivationDataset
+from omnilens.heads import top_heads
 from omnilens.io import atomic_save_safetensors
 
 
@@ -221,10 +222,7 @@ class HeadProbes:
 
     def top(self, k: int = 5) -> list[tuple[int, int, float]]:
         """The ``k`` best heads as ``(layer, head, accuracy)``, best first (ties: earlier first)."""
-        flat = self.accuracy.flatten()
-        order = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))[:k]
-        n_heads = self.accuracy.shape[1]
-        return [(self.layers[i // n_heads], i % n_heads, float(flat[i])) for i in order]
+        return top_heads(self.accuracy, self.layers, k)
 
     def directions(self, k: int = 5, label: Any = None, heads: Sequence[tuple[int, int]] | None = None,
                    ) -> dict[tuple[str, int], torch.Tensor]:

@@ -11,9 +11,10 @@ from pathlib import Path
 import plotly.graph_objects as go
 import torch
 
+from omnilens.interventions import POS_AXES
 from omnilens.io import atomic_write
 
-X_AXES = ("pos", "query", "patch", "frame", "span", "key")
+X_AXES = (*POS_AXES, "span", "key")
 PREFIX = {"layer": "L", "head": "H", "kv_head": "KV"}
 
 
@@ -75,18 +76,25 @@ def png_available() -> bool:
     return importlib.util.find_spec("kaleido") is not None
 
 
-def save(figure_or_result, path: str | os.PathLike, *, png: bool | None = None) -> list[Path]:
+def save(figure_or_result, path: str | os.PathLike, *, png: bool | None = None,
+         include_plotlyjs: bool | str = True) -> list[Path]:
     """Write a figure (or a result's figure) to ``path`` as HTML; also ``path`` with ``.png`` when
     ``png`` is true, or when ``png`` is ``None`` and kaleido is importable. Returns the written paths.
 
-    ``png=True`` without kaleido raises ``RuntimeError`` naming the missing package.
+    ``include_plotlyjs`` is plotly's option: ``True`` (default) inlines plotly.js (about 4.7 MB) so the
+    file stands alone; ``"directory"`` references a ``plotly.min.js`` beside it, written once per folder
+    (still viewable offline while the folder stays together; returned when this call wrote it); ``"cdn"``
+    needs a network connection to view. ``png=True`` without kaleido raises ``RuntimeError`` naming the
+    missing package.
     """
     fig = figure_or_result if isinstance(figure_or_result, go.Figure) else heatmap(figure_or_result)
     path = Path(path)
     html = path.with_suffix(".html")
     html.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(html, lambda tmp: fig.write_html(tmp, include_plotlyjs=True))
-    written = [html]
+    bundle = html.parent / "plotly.min.js"
+    new_bundle = include_plotlyjs == "directory" and not bundle.exists()
+    atomic_write(html, lambda tmp: fig.write_html(tmp, include_plotlyjs=include_plotlyjs))
+    written = [html, bundle] if new_bundle else [html]
     want_png = png_available() if png is None else png
     if want_png:
         if not png_available():

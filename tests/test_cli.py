@@ -118,3 +118,17 @@ def test_noising_ranks_by_distance_from_clean(tmp_path):
     distance = [abs(1 - row["score"]) for row in listed]
     assert distance == sorted(distance, reverse=True)
     assert distance[0] == pytest.approx(float((1 - res.values).abs().max()), rel=1e-6)  # float32 values
+
+
+def test_plotlyjs_directory_writes_one_shared_bundle(tmp_path, capsys):
+    """``--plotlyjs directory``: the heatmaps (patching and DLA) reference one plotly.min.js in the folder."""
+    out = tmp_path / "shared"
+    assert main(["patch", "--sweep", "heads", "--method", "exact", "--plotlyjs", "directory", "--out", str(out),
+                 "--batch", "4", "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["dla_heads.html", "exact_heads.html", "exact_heads.safetensors",
+                                                     "plotly.min.js", "summary.json"]
+    assert (out / "plotly.min.js").stat().st_size > 1_000_000
+    for name in ("exact_heads.html", "dla_heads.html"):
+        html = (out / name).read_text()
+        assert 'src="plotly.min.js"' in html and len(html) < 100_000
+    assert capsys.readouterr().out.count("plotly.min.js") == 1  # listed once among the written files

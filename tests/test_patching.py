@@ -240,6 +240,10 @@ def test_result_labels_top_aggregate_save_load(dense_lens, tokenizer, tmp_path):
     assert abs(top[0][1]) == float(res.values.abs().max())
     layer, head, pos = (int(top[0][0]["layer"]), int(top[0][0]["head"]), int(top[0][0]["pos"].split(":")[0]))
     assert float(res.values[layer, head, pos]) == top[0][1]
+    near_clean = res.top(len(res.values.reshape(-1)), reference=1.0)  # every cell, furthest from clean first
+    distance = (torch.tensor([v for _, v in near_clean]) - 1).abs()  # float32, as the values
+    assert (distance[:-1] >= distance[1:]).all() and distance[0] == (res.values - 1).abs().max()
+    assert sorted(v for _, v in near_clean) == sorted(res.values.reshape(-1).tolist())
     agg = res.aggregate("pos", {"first": [0, 1], "rest": range(2, len(toks))})
     assert agg.shape == (2, 4, 2) and torch.allclose(agg.values[..., 0], res.values[..., :2].sum(-1))
     path = res.save(tmp_path / "sub" / "z.safetensors")

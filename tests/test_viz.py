@@ -84,6 +84,25 @@ def test_save_html_and_png_only_with_a_renderer(results, tmp_path):
             viz.save(resid, tmp_path / "r.png", png=True)
 
 
+def test_save_shares_plotlyjs_in_the_folder_on_request(results, tmp_path):
+    """Default: plotly.js inlined in each file; ``"directory"``: one ``plotly.min.js`` beside the files,
+    written by the first save only, referenced by a relative script tag (viewable offline)."""
+    from plotly.offline import get_plotlyjs
+
+    (resid, heads, _), _ = results
+    alone = viz.save(resid, tmp_path / "alone" / "resid.html", png=False)[0]
+    assert get_plotlyjs()[:1000] in alone.read_text()
+    first = viz.save(resid, tmp_path / "shared" / "resid.html", png=False, include_plotlyjs="directory")
+    second = viz.save(heads, tmp_path / "shared" / "heads.html", png=False, include_plotlyjs="directory")
+    bundle = tmp_path / "shared" / "plotly.min.js"
+    assert first == [tmp_path / "shared" / "resid.html", bundle] and second == [tmp_path / "shared" / "heads.html"]
+    assert bundle.read_text() == get_plotlyjs()
+    for html in (first[0], second[0]):
+        text = html.read_text()
+        assert 'src="plotly.min.js"></script>' in text and get_plotlyjs()[:1000] not in text
+        assert '"type":"heatmap"' in text and html.stat().st_size < alone.stat().st_size / 20
+
+
 def test_attribution_results_plot_too(tokenizer):
     lens = omnilens.load(make_model("dense"), tokenizer=tokenizer)
     metric = LogProb(tokenizer.convert_tokens_to_ids("sad"))

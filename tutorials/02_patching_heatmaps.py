@@ -12,7 +12,8 @@ with repeated segments, so it has a previous-token head in layer 0 and an induct
 
     python tutorials/02_patching_heatmaps.py [out_dir]      # default ./tutorial_out
 
-Open ``out_dir/*.html`` in a browser; hover over a cell for the exact values.
+Open ``out_dir/*.html`` in a browser (they share ``out_dir/plotly.min.js``, so keep the folder together);
+hover over a cell for the exact values.
 """
 
 import sys
@@ -58,7 +59,7 @@ print(f"exact vs AtP rank correlation: resid {rank_correlation(resid.values, res
 #    layer 1 the information sits one position on (prev_pos + 1, written there by the previous-token head),
 #    where the induction head's keys read it. heads_exact shows which heads carry it.
 for name, res in [("resid_exact", resid), ("resid_atp", resid_atp), ("heads_exact", heads), ("heads_atp", heads_atp)]:
-    viz.save(res, out / f"{name}.html")
+    viz.save(res, out / f"{name}.html", include_plotlyjs="directory")  # one shared plotly.min.js
 heads.save(out / "heads_exact.safetensors")
 print("\ntop components (exact):")
 for labels, value in heads.top(3):
@@ -81,5 +82,5 @@ tokens = [f"{i}:{t}" for i, t in enumerate(lens.to_str_tokens(pairs.clean[0]))] 
 fig = go.Figure(go.Heatmap(z=pattern[0, ind_head].tolist(), x=tokens, y=tokens, colorscale="Blues", zmin=0, zmax=1))
 fig.update_layout(title=f"L1.H{ind_head} attention pattern (clean prompt 0)", xaxis_title="key",
                   yaxis_title="query", yaxis={"autorange": "reversed"})
-viz.save(fig, out / "induction_head_pattern.html")
+viz.save(fig, out / "induction_head_pattern.html", include_plotlyjs="directory")
 print("wrote", ", ".join(sorted(p.name for p in out.glob("*.html"))))

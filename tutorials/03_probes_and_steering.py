@@ -43,14 +43,14 @@ for site, acc in zip(sweep.sites, sweep.accuracy[:, 0].tolist()):
     print(f"  {site:28s} probe accuracy {acc:.2f}")
 best_site, _, best_probe = sweep.best()
 print("best site:", best_site)
-viz.save(sweep.figure(), out / "probe_sweep.html")
+viz.save(sweep.figure(), out / "probe_sweep.html", include_plotlyjs="directory")  # one shared plotly.min.js
 
 # 3. Per-head probes on hook_z ([example head d_head]): rank heads, keep the top K (PAS). Their directions
 #    map through each head's W_O slice to the residual stream, where they can be added as steering vectors.
 heads = probing.head_probes(ds, "blocks.*.attn.hook_z", folds=3)
 top = heads.top(3)
 print("top heads (layer, head, accuracy):", [(lay, h, round(a, 2)) for lay, h, a in top])
-viz.save(heads.figure(), out / "head_probes.html")
+viz.save(heads.figure(), out / "head_probes.html", include_plotlyjs="directory")
 head_dirs = heads.residual_directions(lens, k=3, label="happy")            # {(site, head): [d_model]}
 probing.save_directions(head_dirs, out / "head_directions.safetensors")
 probe_dir = best_probe.direction("happy")

@@ -130,6 +130,7 @@ class QualityReport:
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def get(self, concept: str, layer: int) -> ConceptQuality:
+        """The row of ``concept`` at ``layer``; ``KeyError`` naming both when absent."""
         for r in self.rows:
             if r.concept == concept and r.layer == layer:
                 return r
@@ -150,6 +151,7 @@ class QualityReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able report: thresholds, every row, and (concept, layer) pairs per triage class."""
         return {"thresholds": asdict(self.thresholds), "rows": [asdict(r) for r in self.rows],
                 "summary": {k: [[r.concept, r.layer] for r in self.rows if r.triage == k] for k in TRIAGE}}
 

@@ -30,6 +30,7 @@ class ConceptVectors:
 
     @property
     def hidden_size(self) -> int:
+        """Width of the vectors (the residual stream's ``d_model``)."""
         return int(self.vectors[self.layers[0]].shape[1])
 
     def vector(self, concept: str, layer: int) -> Float[torch.Tensor, " hidden"]:

@@ -23,8 +23,8 @@ import torch
 
 from omnilens.executors.base import Read, Write
 from omnilens.interventions import region
-from omnilens.patching.base import make_result, mean_metric, model_output, normalise, resolve, setup, try_resolve
-from omnilens.patching.exact import _single_visits, selectors, sw_sites
+from omnilens.patching.base import (make_result, mean_metric, model_output, normalise, resolve, selectors, setup,
+                                    single_visits, sweep_sites, try_resolve)
 from omnilens.patching.metrics import bind
 from omnilens.patching.results import PatchingResult
 from omnilens.patching.sweeps import Sweep
@@ -48,7 +48,7 @@ def patch_attribution(
     sweeps = [sweeps] if single else list(sweeps)
     st = setup(lens, clean, corrupted, metric, direction, output)
     grids = try_resolve(lens, sweeps, st.seq_len)
-    sites = list(dict.fromkeys(n for sw in sweeps for n in sw_sites(lens, sw)))
+    sites = sweep_sites(lens, sweeps)
     stars = {n: _star_sites(lens, n) for n in sites if star and lens.graph[n].site in QK_SITES}
     rot = list(dict.fromkeys(s for trio in stars.values() for s in trio[1:]))
     captured = list(dict.fromkeys(sites + [trio[0] for trio in stars.values()]))
@@ -67,7 +67,7 @@ def patch_attribution(
         m_clean, m_corr = (m_src, m_base) if direction == "denoise" else (m_base, m_src)
         normalise(torch.zeros(()), m_clean, m_corr)
         grads = dict(zip(leaves, torch.autograd.grad(m_base_t, list(leaves.values()), allow_unused=True)))
-    sources = _single_visits(src.values)
+    sources = single_visits(src.values)
     base_rot = {n: vs[0].detach() for n, vs in base.values.items()}
     results = []
     for sweep, grid in zip(sweeps, grids):

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 import omnilens
+from omnilens.graph import HookSpec
+from omnilens.interventions import POS_AXES
 from omnilens.patching.metrics import check_metric, metric_name
 from omnilens.patching.results import PatchingResult, normalise
 from omnilens.patching.sweeps import Grid, Sweep, known_sizes
@@ -30,10 +32,12 @@ class Setup:
 
     @property
     def base(self) -> dict[str, Any]:
+        """The inputs of the run that gets patched (corrupted when denoising, clean when noising)."""
         return self.corrupted if self.direction == "denoise" else self.clean
 
     @property
     def source(self) -> dict[str, Any]:
+        """The inputs of the run the patched values come from."""
         return self.clean if self.direction == "denoise" else self.corrupted
 
 
@@ -104,6 +108,25 @@ def try_resolve(lens, sweeps: Sequence[Sweep], seq_len: int | None) -> list[Grid
     return out
 
 
+def sweep_sites(lens, sweeps: Sequence[Sweep]) -> list[str]:
+    """Names of the sites the ``sweeps`` patch, each once, in sweep order."""
+    return list(dict.fromkeys(s.name for sweep in sweeps for s in sweep.specs(lens.graph)))
+
+
+def single_visits(values: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The one value of each site; sites visited several times per forward cannot be patched cell by cell."""
+    many = {n: len(vs) for n, vs in values.items() if len(vs) != 1}
+    if many:
+        raise ValueError(f"sites visited other than once in one forward cannot be swept: {many} "
+                         "(e.g. per-image vision attention internals: sweep them with one image)")
+    return {n: vs[0] for n, vs in values.items()}
+
+
+def selectors(spec: HookSpec, select: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """Cell selection (site axis -> indices) as intervention selectors (``pos``, ``head``, ``kv_head``)."""
+    return {("pos" if axis in POS_AXES else axis): list(idx) for axis, idx in select.items()}
+
+
 def run(lens, inputs: dict[str, Any], reads=(), writes=(), executor: Any = None):
     """``lens.run`` without autograd, with ``executor`` a name (``"local"``, ``"nnsight"``) or an executor
     object (e.g. ``lens.executor("nnsight", remote="local")``)."""
@@ -153,13 +176,15 @@ def pos_labels(lens, grid: Grid, setup_: Setup) -> Grid:
     toks = lens.to_str_tokens(ids[0])
     labels = dict(grid.labels)
     for axis in grid.axes:
-        if axis in ("pos", "query", "patch", "frame") and len(labels[axis]) == len(toks):
+        if axis in POS_AXES and len(labels[axis]) == len(toks):
             labels[axis] = tuple(f"{i}:{t}" for i, t in enumerate(toks))
     return Grid(grid.axes, labels, grid.sites, grid.cells)
 
 
 def make_result(lens, grid: Grid, raw: torch.Tensor, clean: float, corrupted: float, metric: Callable,
                 method: str, setup_: Setup, executor: Any) -> PatchingResult:
+    """The result of a sweep: ``raw`` metric ``[*grid.shape]``, normalised against ``clean`` / ``corrupted``,
+    position axes labelled with the prompt's tokens, provenance of ``lens``."""
     grid = pos_labels(lens, grid, setup_)
     return PatchingResult(values=normalise(raw, clean, corrupted), raw=raw, axes=grid.axes, labels=grid.labels,
                           sites=grid.sites, metric=metric_name(metric), clean=clean, corrupted=corrupted,

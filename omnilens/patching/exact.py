@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from omnilens.executors.base import Read
-from omnilens.interventions import POS_AXES, Patch, StackedPatch, region
-from omnilens.patching.base import (make_result, mean_metric, model_output, normalise, resolve, run, setup,
-                                    try_resolve)
+from omnilens.interventions import Patch, StackedPatch, region
+from omnilens.patching.base import (make_result, mean_metric, model_output, normalise, resolve, run, selectors, setup,
+                                    single_visits, sweep_sites, try_resolve)
 from omnilens.patching.metrics import bind
 from omnilens.patching.replay import TowerReplay
 from omnilens.patching.results import PatchingResult
@@ -59,7 +59,7 @@ def patch_exact(
     sweeps = [sweeps] if single else list(sweeps)
     st = setup(lens, clean, corrupted, metric, direction, output)
     grids = try_resolve(lens, sweeps, st.seq_len)
-    sites = list(dict.fromkeys(name for sw in sweeps for name in sw_sites(lens, sw)))
+    sites = sweep_sites(lens, sweeps)
     src = run(lens, st.source, [Read(n, to=None) for n in sites], executor=executor)
     base = run(lens, st.base, [Read(n, to=None) for n in sites], executor=executor)
     src_out, base_out = model_output(src.output, output), model_output(base.output, output)
@@ -68,7 +68,7 @@ def patch_exact(
     m_clean = float(mean_metric(metric, clean_out, st.rows)[0])
     m_corr = float(mean_metric(metric, corr_out, st.rows)[0])
     normalise(torch.zeros(()), m_clean, m_corr)  # undefined normalisation raises before patching
-    sources, bases = _single_visits(src.values), _single_visits(base.values)
+    sources, bases = single_visits(src.values), single_visits(base.values)
     m_base = m_corr if direction == "denoise" else m_clean
     results = []
     for sweep, grid in zip(sweeps, grids):
@@ -84,19 +84,6 @@ def patch_exact(
         _run_cells(lens, grid, todo, raw, sources, st, metric, chunk_size, memory_budget, executor, output, replay)
         results.append(make_result(lens, grid, raw, m_clean, m_corr, metric, "exact", st, executor))
     return results[0] if single else results
-
-
-def _single_visits(values: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The one value of each site; sites visited several times per forward cannot be patched cell by cell."""
-    many = {n: len(vs) for n, vs in values.items() if len(vs) != 1}
-    if many:
-        raise ValueError(f"sites visited other than once in one forward cannot be swept: {many} "
-                         "(e.g. per-image vision attention internals: sweep them with one image)")
-    return {n: vs[0] for n, vs in values.items()}
-
-
-def sw_sites(lens, sweep: Sweep) -> list[str]:
-    return [s.name for s in sweep.specs(lens.graph)]
 
 
 def _is_noop(lens, cell: Cell, source: torch.Tensor, base: torch.Tensor) -> bool:
@@ -187,11 +174,6 @@ def _replay(lens, grid: Grid, st, executor, output) -> TowerReplay | None:
 def cell_patch(lens, cell: Cell, source: torch.Tensor) -> Patch:
     """The :class:`~omnilens.interventions.Patch` that applies one cell."""
     return Patch(cell.site, source, **selectors(lens.graph[cell.site], cell.select))
-
-
-def selectors(spec, select) -> dict[str, list[int]]:
-    """Cell selection (site axis -> indices) as intervention selectors (``pos``, ``head``, ``kv_head``)."""
-    return {("pos" if axis in POS_AXES else axis): list(idx) for axis, idx in select.items()}
 
 
 def _stacked_patches(lens, chunk: list[Cell], sources, offset: int = 0) -> list[StackedPatch]:

@@ -79,15 +79,13 @@ class LogProb(_ReadsPos):
 
 
 @dataclass(frozen=True, eq=False)
-class Prob(_ReadsPos):
+class Prob(LogProb):
     """Probability of ``token`` at ``pos`` per row."""
 
-    token: Ids
-    pos: int = -1
     name: str = "prob"
 
     def __call__(self, logits: Float[torch.Tensor, "rows pos vocab"]) -> Float[torch.Tensor, " rows"]:
-        return LogProb(self.token, self.pos)(logits).exp()
+        return super().__call__(logits).exp()
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,6 +100,7 @@ class KLToClean(_ReadsPos):
     name: str = "kl_to_clean"
 
     def bind(self, clean: torch.Tensor, corrupted: torch.Tensor) -> KLToClean:
+        """A copy holding the clean logits ``[B pos vocab]`` as its reference."""
         return replace(self, reference=clean.detach())
 
     def __call__(self, logits: Float[torch.Tensor, "rows pos vocab"]) -> Float[torch.Tensor, " rows"]:

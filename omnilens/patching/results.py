@@ -53,6 +53,7 @@ class PatchingResult:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """Sizes of the result's axes, in ``axes`` order."""
         return tuple(self.values.shape)
 
     def __repr__(self) -> str:
@@ -60,10 +61,12 @@ class PatchingResult:
         return (f"PatchingResult({self.method}, {self.direction}, {self.metric}, [{dims}], "
                 f"clean={self.clean:.4g}, corrupted={self.corrupted:.4g})")
 
-    def top(self, k: int = 10, *, by_abs: bool = True) -> list[tuple[dict[str, str], float]]:
-        """The ``k`` largest effects (by absolute value unless ``by_abs=False``) as ``(labels, value)``."""
+    def top(self, k: int = 10, *, by_abs: bool = True, reference: float = 0.0) -> list[tuple[dict[str, str], float]]:
+        """The ``k`` largest effects as ``(labels, value)``, ranked by ``value - reference`` (its absolute
+        value unless ``by_abs=False``); ``reference=1.0`` ranks by distance from the clean run."""
         flat = self.values.reshape(-1)
-        order = (flat.abs() if by_abs else flat).argsort(descending=True)[:k]
+        key = flat - reference
+        order = (key.abs() if by_abs else key).argsort(descending=True)[:k]
         out = []
         for i in order.tolist():
             idx = torch.unravel_index(torch.tensor(i), self.shape)

@@ -10,6 +10,7 @@ same sweep covers vision/audio tokens of multimodal towers. Each cell patches on
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ class Grid:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """Sizes of the grid's axes, in ``axes`` order."""
         return tuple(len(self.labels[a]) for a in self.axes)
 
 
@@ -100,7 +102,7 @@ class Sweep:
             choices.append(opts)
         cells = []
         for li, spec in enumerate(specs):
-            for combo in _product([list(enumerate(c)) for c in choices]):
+            for combo in itertools.product(*(list(enumerate(c)) for c in choices)):
                 select = {spec_axes[li][k]: opt[1] for k, (_, opt) in enumerate(combo)}
                 cells.append(Cell((li,) + tuple(i for i, _ in combo), spec.name, select))
         return Grid(out_axes, labels, tuple(s.name for s in specs), tuple(cells))
@@ -124,15 +126,6 @@ def _check_span(site: str, name: str, positions: Sequence[int], size: int) -> tu
     if not pos or bad:
         raise IndexError(f"sweep over {site!r}: span {name!r} has positions {bad or 'none'} outside [0, {size})")
     return pos
-
-
-def _product(lists):
-    if not lists:
-        yield ()
-        return
-    for head in lists[0]:
-        for rest in _product(lists[1:]):
-            yield (head,) + rest
 
 
 def known_sizes(graph: HookGraph, spec: HookSpec, seq_len: int | None) -> dict[str, int]:

@@ -12,7 +12,7 @@ import torch
 from jaxtyping import Int
 from transformers import PreTrainedTokenizerFast
 
-from omnilens.zoo.vocab import word_tokenizer
+from omnilens.zoo.vocab import word_tokenizer, word_vocab_size
 
 WORDS = (
     "ant bee cat cow dog eel elk fox gnu hen jay koi owl pig ram rat yak ape bat cod "
@@ -33,7 +33,8 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 
 def vocab_size() -> int:
-    return N_WORDS + 3
+    """Size of the induction model's vocabulary (:data:`WORDS` plus bos, eos and ``[UNK]``)."""
+    return word_vocab_size(WORDS)
 
 
 def _words(gen: torch.Generator, n: int, distinct: bool = False) -> torch.Tensor:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from omnilens.zoo.vocab import word_tokenizer
+from omnilens.zoo.vocab import word_tokenizer, word_vocab_size
 
 MOODS = ("happy", "sad", "angry", "afraid", "calm")
 CUES = {
@@ -66,7 +66,8 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 
 def vocab_size() -> int:
-    return len(_all_words()) + 3
+    """Size of the mood model's vocabulary (its words plus bos, eos and ``[UNK]``)."""
+    return word_vocab_size(_all_words())
 
 
 @dataclass(frozen=True)

@@ -26,3 +26,8 @@ def word_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
     )
     fast.padding_side = "right"
     return fast
+
+
+def word_vocab_size(words: Sequence[str]) -> int:
+    """Vocabulary size of :func:`word_tokenizer` over ``words``: the words plus bos, eos and ``[UNK]``."""
+    return len(words) + 3  # BOS, EOS, UNK
