@@ -56,6 +56,10 @@ class ActivationCache(Mapping[str, Any]):
         names = [n for n in self.graph.names(pattern) if n in self._values]
         if not names:
             raise KeyError(f"no cached site matches {pattern!r}")
+        multi = [n for n in names if len(self._values[n]) != 1]
+        if multi:
+            raise ValueError(f"cannot stack sites visited several times in this run ({', '.join(multi[:3])}"
+                             f"{', ...' if len(multi) > 3 else ''}); stack cache.steps(name) per site instead")
         return torch.stack([self[n] for n in names])
 
     def to(self, device: str | torch.device) -> ActivationCache:

@@ -217,3 +217,16 @@ def test_submodules_are_attributes_of_the_package():
     assert callable(omnilens.patching.patch_exact)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         omnilens.nope
+
+
+def test_stack_refuses_sites_visited_at_several_steps():
+    import omnilens
+    from omnilens.testing import tiny_qwen3, tiny_tokenizer
+
+    lens = omnilens.load(tiny_qwen3(), tokenizer=tiny_tokenizer())
+    gen = lens.generate("the cat", reads="blocks.*.hook_resid_post", max_new_tokens=2)
+    assert len(gen.cache.steps("blocks.0.hook_resid_post")) == 2
+    with pytest.raises(ValueError, match="visited several times.*cache.steps"):
+        gen.cache.stack("blocks.*.hook_resid_post")
+    _, cache = lens.run_with_cache("the cat", names="blocks.*.hook_resid_post")
+    assert cache.stack("blocks.*.hook_resid_post").shape == (2, 1, 2, 64)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from omnilens.adapters.base import Adapter
+from omnilens.errors import HookError
 from omnilens.executors.base import Read, RunResult, SiteTask, Write, serve_site, site_tasks
 from omnilens.views import CallContext
 
@@ -61,7 +62,10 @@ class LocalExecutor:
                 if args:
                     raw, changed = process(site_list, args[0], CallContext(module, args))
                     return ((raw, *args[1:]), kwargs) if changed else None
-                key = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+                key = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
+                if key is None:
+                    raise HookError(site_list[0].spec.name, "a tensor argument to the hooked module",
+                                    f"arguments {sorted(kwargs)} with no tensor")
                 raw, changed = process(site_list, kwargs[key], CallContext(module, (kwargs[key],)))
                 return (args, {**kwargs, key: raw}) if changed else None
             return hook
