@@ -10,7 +10,9 @@ shared machine):
 - omnilens local: ``lens.run_with_cache(ids, names="blocks.*.hook_resid_post")`` (PyTorch hooks);
 - omnilens nnsight: the same through the nnsight executor;
 - TransformerLens 3.9 ``TransformerBridge.run_with_cache`` (booted hub-free from a ``save_pretrained`` folder);
-- plain nnsight: a hand-written trace saving each decoder layer's output.
+- plain nnsight: a hand-written trace saving each decoder layer's output;
+- torch-hooks floor (not an anchor): one bare ``register_forward_hook`` per layer that only keeps the output —
+  the least any cache can cost, since kept activations cannot be reused by the allocator.
 
 Each contender wraps its own copy of the model (nnsight installs controllers on the modules it wraps,
 TransformerLens loads its own), so the bare forward and omnilens local run on an untouched model.
@@ -67,8 +69,21 @@ def contenders(model: torch.nn.Module, ids: torch.Tensor, folder: str) -> dict[s
             saved = nnsight.save([layers[i].output for i in range(LAYERS)])
         return saved
 
+    kept: list[torch.Tensor] = []
+
+    def torch_hooks_floor():
+        kept.clear()
+        handles = [layer.register_forward_hook(lambda mod, args, out: kept.append(out)) for layer in model.model.layers]
+        try:
+            model(input_ids=ids)
+        finally:
+            for h in handles:
+                h.remove()
+        return list(kept)
+
     fns = {
         "bare HF forward": lambda: model(input_ids=ids),
+        "torch-hooks floor": torch_hooks_floor,
         "omnilens local": lambda: lens_local.run_with_cache(ids, names=PATTERN),
         "omnilens nnsight": lambda: lens_nn.run_with_cache(ids, names=PATTERN),
         "TransformerLens bridge": lambda: bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_resid_post")),
@@ -85,8 +100,10 @@ def _check(fns: dict[str, Callable[[], object]], lens) -> None:
         _, ours = fns["omnilens nnsight"]()
         _, tl = fns["TransformerLens bridge"]()
         plain = fns["plain nnsight"]()
+        floor = fns["torch-hooks floor"]()
     for i, name in enumerate(lens.graph.names(PATTERN)):
         torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=0)
+        torch.testing.assert_close(floor[i], ref[name], rtol=0, atol=0)
         torch.testing.assert_close(tl[name], ref[name], rtol=0, atol=1e-4)
         torch.testing.assert_close(plain[i], ref[name], rtol=0, atol=0)
 
@@ -130,13 +147,15 @@ def main() -> None:
     print(f"{'contender':<24} {'wall ms':>9} {'x bare':>8} {'cpu ms':>9} {'x bare':>8}")
     for name, (w, c) in medians.items():
         print(f"{name:<24} {w * 1e3:>9.1f} {w / bare_wall:>8.3f} {c * 1e3:>9.1f} {c / bare_cpu:>8.3f}")
-    anchors = [n for n in medians if n not in ("bare HF forward", "omnilens local")]
+    anchors = [n for n in medians if n not in ("bare HF forward", "omnilens local", "torch-hooks floor")]
     for clock, k in (("wall", 0), ("cpu", 1)):
         local = medians["omnilens local"][k]
         target = local / medians["bare HF forward"][k] <= 1.10
         slower = [n for n in anchors if local > medians[n][k]]
+        over_floor = local / medians["torch-hooks floor"][k]
         print(f"[{clock}] omnilens local <= 1.10x bare: {'met' if target else 'MISSED'}; "
-              f"not slower than any anchor: {'met' if not slower else 'slower than ' + ', '.join(slower)}")
+              f"not slower than any anchor: {'met' if not slower else 'slower than ' + ', '.join(slower)}; "
+              f"{over_floor:.3f}x the torch-hooks floor")
 
 if __name__ == "__main__":
     main()
