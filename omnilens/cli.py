@@ -121,8 +121,10 @@ def _patch(args: argparse.Namespace) -> int:
     jobs = [(m, name, sw) for name, sw in sweeps for m in methods]
     results: dict[tuple[str, str], Any] = {}
     for method, name, sweep in _progress(jobs, args.no_progress, "patching"):
+        extra = {"progress": not args.no_progress} if method == "exact" else {}
         fn = patch_exact if method == "exact" else patch_attribution
-        results[method, name] = fn(lens, pairs.clean, pairs.corrupted, metric, sweep, direction=args.direction)
+        results[method, name] = fn(lens, pairs.clean, pairs.corrupted, metric, sweep, direction=args.direction,
+                                   **extra)
     first = next(iter(results.values()))
     print(f"\nmetric on clean {first.clean:.4f}, on corrupted {first.corrupted:.4f}")
 

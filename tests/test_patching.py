@@ -257,3 +257,15 @@ def test_result_labels_top_aggregate_save_load(dense_lens, tokenizer, tmp_path):
     save_file({"x": torch.zeros(1)}, str(other))
     with pytest.raises(ValueError, match="not an omnilens patching result"):
         PatchingResult.load(other)
+
+
+def test_progress_bar_counts_every_cell_and_changes_nothing(dense_lens, pair, metric, capsys):
+    clean, corrupted = pair
+    sweeps = [Sweep("hook_resid_pre"), Sweep("hook_z", by=("layer", "head"))]
+    quiet = patch_exact(dense_lens, clean, corrupted, metric, sweeps)
+    shown = patch_exact(dense_lens, clean, corrupted, metric, sweeps, progress=True)
+    for a, b in zip(quiet, shown):
+        assert torch.equal(a.raw, b.raw)
+    n_cells = sum(r.raw.numel() for r in shown)
+    err = capsys.readouterr().err
+    assert "exact patching" in err and f"{n_cells}/{n_cells}" in err

@@ -12,11 +12,13 @@ one-forward-per-cell loop up to float rounding.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from omnilens.executors.base import Read
 from omnilens.interventions import Patch, StackedPatch, region
@@ -34,7 +36,7 @@ POS_CHUNKS = 8
 def patch_exact(
     lens, clean: Any, corrupted: Any, metric: Callable, sweeps: Sweep | Sequence[Sweep], *,
     direction: str = "denoise", chunk_size: int | None = None, memory_budget: int = DEFAULT_BUDGET,
-    executor: Any = None, output: str = "logits", replay: bool = True,
+    executor: Any = None, output: str = "logits", replay: bool = True, progress: bool = False,
 ) -> PatchingResult | list[PatchingResult]:
     """Patch every cell of ``sweeps`` and measure ``metric``; one result per sweep.
 
@@ -51,6 +53,7 @@ def patch_exact(
         replay: on the local executor, run the blocks before a chunk's first patched layer once and
             replay the rest on the stacked copies (:mod:`omnilens.patching.replay`); ``False`` runs
             full forwards.
+        progress: show a progress bar over the cells (on stderr).
 
     Returns:
         :class:`PatchingResult` (a list when ``sweeps`` is a list), normalised 0 = corrupted, 1 = clean.
@@ -70,19 +73,23 @@ def patch_exact(
     normalise(torch.zeros(()), m_clean, m_corr)  # undefined normalisation raises before patching
     sources, bases = single_visits(src.values), single_visits(base.values)
     m_base = m_corr if direction == "denoise" else m_clean
+    grids = [grid if grid is not None else resolve(lens, sweep, st.seq_len, {n: v.shape for n, v in sources.items()})
+             for sweep, grid in zip(sweeps, grids)]
     results = []
-    for sweep, grid in zip(sweeps, grids):
-        if grid is None:
-            grid = resolve(lens, sweep, st.seq_len, {n: v.shape for n, v in sources.items()})
-        raw = torch.full(grid.shape, float("nan"))
-        todo = []
-        for cell in grid.cells:  # a patch that writes the values already there leaves the base run unchanged
-            if _is_noop(lens, cell, sources[cell.site], bases[cell.site]):
-                raw[cell.index] = m_base
-            else:
-                todo.append(cell)
-        _run_cells(lens, grid, todo, raw, sources, st, metric, chunk_size, memory_budget, executor, output, replay)
-        results.append(make_result(lens, grid, raw, m_clean, m_corr, metric, "exact", st, executor))
+    with tqdm(total=sum(len(g.cells) for g in grids), desc="exact patching", unit="cell", disable=not progress,
+              file=sys.stderr) as bar:
+        for grid in grids:
+            raw = torch.full(grid.shape, float("nan"))
+            todo = []
+            for cell in grid.cells:  # a patch that writes the values already there leaves the base run unchanged
+                if _is_noop(lens, cell, sources[cell.site], bases[cell.site]):
+                    raw[cell.index] = m_base
+                    bar.update(1)
+                else:
+                    todo.append(cell)
+            _run_cells(lens, grid, todo, raw, sources, st, metric, chunk_size, memory_budget, executor, output,
+                       replay, bar)
+            results.append(make_result(lens, grid, raw, m_clean, m_corr, metric, "exact", st, executor))
     return results[0] if single else results
 
 
@@ -94,8 +101,8 @@ def _is_noop(lens, cell: Cell, source: torch.Tensor, base: torch.Tensor) -> bool
 
 
 def _run_cells(lens, grid: Grid, cells: list[Cell], raw: torch.Tensor, sources, st, metric, chunk_size, budget,
-               executor, output, replay) -> None:
-    """Fill ``raw`` at ``cells`` with the metric of their patched runs."""
+               executor, output, replay, bar) -> None:
+    """Fill ``raw`` at ``cells`` with the metric of their patched runs; advance ``bar`` per cell done."""
     if not cells:
         return
     stackable = all(lens.graph[s].axis("batch") == 0 for s in grid.sites)
@@ -122,6 +129,7 @@ def _run_cells(lens, grid: Grid, cells: list[Cell], raw: torch.Tensor, sources, 
         values = mean_metric(metric, out, st.rows, len(chunk))
         for cell, v in zip(chunk, values.tolist()):
             raw[cell.index] = v
+        bar.update(len(chunk))
 
 
 def _chunks(lens, cells: list[Cell], n: int, by_layer: bool, by_pos: bool) -> list[list[Cell]]:
