@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 
 from omnilens.adapters.base import GenerationPlan
 from omnilens.cache import ActivationCache
-from omnilens.executors.base import HookFn, Read, Write, writes_for
+from omnilens.executors.base import HookFn, Read, Write, as_writes
 from omnilens.graph import HookGraph
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def generate(lens: Lens, inputs: Any, *, reads: ReadsArg = None, writes: WritesA
     kw = lens.to_inputs(inputs)
     plan = lens.adapter.generation_plan(kw, return_audio=return_audio, **kwargs)
     read_list = _reads(lens.graph, reads)
-    write_list = _writes(lens.graph, writes)
+    write_list = as_writes(lens.graph, writes)
     with _record_steps(lens.adapter.model, plan) as steps:
         res = lens.run(kw, read_list, write_list, executor=executor, method="generate", **plan.kwargs)
     ids, waveform = plan.unpack(res.output)
@@ -85,17 +85,6 @@ def _reads(graph: HookGraph, reads: ReadsArg) -> list[Read]:
     out: list[Read] = []
     for r in reads:
         out += [r] if isinstance(r, Read) else [Read(n) for n in graph.names(r)]
-    return out
-
-
-def _writes(graph: HookGraph, writes: WritesArg) -> list[Write]:
-    out: list[Write] = []
-    for w in writes:
-        if isinstance(w, Write):  # its name is checked with the reads' before the run (executors' site_tasks)
-            out.append(w)
-        else:
-            pattern, fn, *rest = w
-            out += writes_for(graph, pattern, fn, rest[0] if rest else None)
     return out
 
 

@@ -265,5 +265,5 @@ def apply(lens, interventions: Sequence[Intervention]) -> Iterator[None]:
     """
     for iv in interventions:
         iv.check(lens.graph)
-    with lens.executor("local").attach((), to_writes(interventions)):
+    with lens.hooks(to_writes(interventions)):
         yield

@@ -13,12 +13,12 @@ from torch import nn
 
 from omnilens.adapters import adapter_for
 from omnilens.cache import ActivationCache
-from omnilens.executors.base import HookFn, PosSelector, Read, RunResult, Write, writes_for
+from omnilens.executors.base import HookFn, PosSelector, Read, RunResult, Write, as_writes
 from omnilens.executors.local import LocalExecutor
 from omnilens.graph import HookGraph
 
 Names = str | Iterable[str] | Callable[[str], bool] | None
-Hooks = Sequence[tuple[str, HookFn]]
+Hooks = Sequence[tuple[str, HookFn] | tuple[str, HookFn, Sequence[int] | None] | Write]
 
 
 class Lens:
@@ -145,7 +145,8 @@ class Lens:
                         **kwargs)
 
     def run_with_hooks(self, inputs: Any, hooks: Hooks, *, executor: str | None = None, **kwargs: Any) -> Any:
-        """Forward ``inputs`` with ``hooks``: pairs ``(name_or_glob, fn)``, ``fn(activation, site) -> tensor | None``.
+        """Forward ``inputs`` with ``hooks``: pairs ``(name_or_glob, fn)``, ``fn(activation, site) -> tensor | None``
+        (also triples ``(name_or_glob, fn, steps)`` or :class:`Write` objects, to write chosen visits only).
 
         ``activation`` is shaped by ``site.axes``; returning a tensor of the same shape replaces it
         (written back through the site's view, e.g. one head of ``hook_z`` edits exactly that slice of
@@ -165,7 +166,7 @@ class Lens:
             yield ActivationCache(values, self.graph)
 
     def _writes(self, hooks: Hooks) -> list[Write]:
-        return [w for pattern, fn in hooks for w in writes_for(self.graph, pattern, fn)]
+        return as_writes(self.graph, hooks)
 
 
 def _logits(output: Any) -> Any:

@@ -230,3 +230,19 @@ def test_stack_refuses_sites_visited_at_several_steps():
         gen.cache.stack("blocks.*.hook_resid_post")
     _, cache = lens.run_with_cache("the cat", names="blocks.*.hook_resid_post")
     assert cache.stack("blocks.*.hook_resid_post").shape == (2, 1, 2, 64)
+
+
+def test_hooks_accept_steps_and_write_objects():
+    import omnilens
+    from omnilens.testing import tiny_qwen3, tiny_tokenizer
+
+    lens = omnilens.load(tiny_qwen3(), tokenizer=tiny_tokenizer())
+    seen: list[int] = []
+
+    def count(x, site):
+        seen.append(x.shape[1])
+
+    kw = lens.to_inputs("the cat is")
+    with lens.hooks([("blocks.0.hook_resid_post", count, [1]), omnilens.Write("blocks.1.hook_resid_post", count, [0])]):
+        lens.model.generate(**kw, max_new_tokens=3, do_sample=False)
+    assert seen == [kw["input_ids"].shape[1], 1]  # block 1 at the prefill, block 0 at the first new token

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -126,6 +126,19 @@ def writes_for(graph: HookGraph, pattern: str | Sequence[str], fn: HookFn,
     """One :class:`Write` of ``fn`` per site ``pattern`` selects (opt-in sites included when named or
     when only they match, see :meth:`HookGraph.names`)."""
     return [Write(n, fn, steps) for n in graph.names(pattern, include_opt_in=None)]
+
+
+def as_writes(graph: HookGraph, items: Iterable[Write | tuple]) -> list[Write]:
+    """:class:`Write` s from ``Write`` objects (kept as they are; their names are checked before the run)
+    and ``(name_or_glob, fn[, steps])`` pairs or triples (expanded with :func:`writes_for`)."""
+    out: list[Write] = []
+    for item in items:
+        if isinstance(item, Write):
+            out.append(item)
+        else:
+            pattern, fn, *rest = item
+            out += writes_for(graph, pattern, fn, rest[0] if rest else None)
+    return out
 
 
 def serve_site(spec: HookSpec, raw: Any, ctx: CallContext, reads: Sequence[Read], writes: Sequence[Write],
