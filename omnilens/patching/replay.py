@@ -20,9 +20,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+import inspect
 from typing import Any
 
 import torch
+
+# Hugging Face renamed the decoder layer's cache argument (``past_key_values`` -> ``cache``, transformers 5.24)
+_CACHE_ARGS = ("cache", "past_key_values")
 
 
 @dataclass
@@ -107,7 +111,7 @@ class TowerReplay:
             call = self.calls[i]
             kwargs = _repeat(call.kwargs, copies, self.rows)
             if suffix:
-                kwargs = _suffix_kwargs(kwargs, suffix, past, hidden)
+                kwargs = with_cache(_suffix_kwargs(kwargs, suffix, hidden), self.blocks[i], past)
             hidden = self.blocks[i](hidden, *_repeat(call.args[1:], copies, self.rows), **kwargs)
         normed = self.norm(hidden, *_repeat(self.calls[n].args[1:], copies, self.rows))
         return self.unembed(normed if last is None else normed[:, -last:])
@@ -121,7 +125,7 @@ class TowerReplay:
             with torch.no_grad():
                 for i, block in enumerate(self.blocks):
                     call = self.calls[i]
-                    hidden = block(hidden, *call.args[1:], **{**call.kwargs, "past_key_values": record})
+                    hidden = block(hidden, *call.args[1:], **with_cache(call.kwargs, block, record))
             self._past = record.kv
         return self._past
 
@@ -148,7 +152,18 @@ class _Past:
         return torch.cat([k, key], -2), torch.cat([v, value], -2)
 
 
-def _suffix_kwargs(kwargs: dict[str, Any], p: int, past: _Past, hidden: torch.Tensor) -> dict[str, Any]:
+def with_cache(kwargs: dict[str, Any], block: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """``kwargs`` with ``cache`` passed under the name ``block.forward`` takes it by (read from its signature;
+    any other spelling dropped)."""
+    params = inspect.signature(block.forward).parameters
+    name = next((n for n in _CACHE_ARGS if n in params), None)
+    if name is None:
+        raise TypeError(f"{type(block).__name__}.forward takes no cache argument (expected one of "
+                        f"{_CACHE_ARGS}); its parameters: {list(params)}")
+    return {**{k: v for k, v in kwargs.items() if k not in _CACHE_ARGS}, name: cache}
+
+
+def _suffix_kwargs(kwargs: dict[str, Any], p: int, hidden: torch.Tensor) -> dict[str, Any]:
     """Block keyword arguments for positions ``p..`` (Hugging Face conventions: rotary ``position_embeddings``
     ``(cos, sin)`` ``[.. pos d]``, ``position_ids`` / ``cache_position`` ``[.. pos]``, a 4-D additive or
     boolean ``attention_mask`` ``[batch 1 query key]`` or ``None`` for causal)."""
@@ -167,7 +182,6 @@ def _suffix_kwargs(kwargs: dict[str, Any], p: int, past: _Past, hidden: torch.Te
     else:
         mask = mask[:, :, p:, :]
     out["attention_mask"] = mask
-    out["past_key_values"] = past
     return out
 
 
