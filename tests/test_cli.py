@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,8 @@ def test_patch_main_job_on_a_fresh_install(tmp_path):
     proc = subprocess.run([str(target / "bin" / "omnilens"), "patch"], cwd=work, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    warned = re.findall(r"^.*\w+Warning: .*$", proc.stderr, re.M)
+    assert not warned, "the main job printed Python warnings:\n" + "\n".join(warned)
     out = work / "omnilens_out"
     for stem in ("exact_resid", "atp_resid", "exact_heads", "atp_heads"):
         assert (out / f"{stem}.html").stat().st_size > 10_000

@@ -8,7 +8,7 @@ from omnilens.adapters.base import Adapter
 from omnilens.adapters.qwen2_vl import Qwen2VLAdapter
 from omnilens.adapters.qwen3 import Qwen3Adapter
 from omnilens.adapters.qwen3_omni import Qwen3OmniAdapter
-from omnilens.errors import UnsupportedModelError
+from omnilens.core.errors import UnsupportedModelError
 
 ADAPTERS: list[type[Adapter]] = [Qwen3Adapter, Qwen3OmniAdapter, Qwen2VLAdapter]
 

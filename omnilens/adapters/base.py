@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
-from omnilens.graph import HookGraph, HookSpec
-from omnilens.hookpoints import attention_points
+from omnilens.core.graph import HookGraph, HookSpec
+from omnilens.core.hookpoints import attention_points
 
 if TYPE_CHECKING:
-    from omnilens.packed import Segments
+    from omnilens.core.packed import Segments
 
 
 def _ids_only(output: Any) -> tuple[Any, Any]:
@@ -82,7 +82,7 @@ class Adapter:
         return inputs
 
     def image_segments(self, inputs: dict[str, Any]) -> Segments | None:
-        """The :class:`~omnilens.packed.Segments` of a run's packed images (default: none)."""
+        """The :class:`~omnilens.core.packed.Segments` of a run's packed images (default: none)."""
         return None
 
     def segments(self, inputs: dict[str, Any]) -> dict[str, list[tuple[int, int]]]:
@@ -93,7 +93,7 @@ class Adapter:
 
     def run_meta(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Facts about one run put into ``ActivationCache.meta``: ``"segments"`` when any, and ``"vision"``
-        (:meth:`Segments.to_meta <omnilens.packed.Segments.to_meta>`: grids, offsets) for a run with images."""
+        (:meth:`Segments.to_meta <omnilens.core.packed.Segments.to_meta>`: grids, offsets) for a run with images."""
         segments = self.segments(inputs)
         meta: dict[str, Any] = {"segments": segments} if segments else {}
         seg = self.image_segments(inputs)

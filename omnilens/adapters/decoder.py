@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from omnilens.graph import HookSpec
-from omnilens.views import HeadsFirst, PerHeadResult, SplitHeads, TupleItem, View
+from omnilens.core.graph import HookSpec
+from omnilens.core.views import HeadsFirst, PerHeadResult, SplitHeads, TupleItem, View
 
 ATTENTION_POINTS = frozenset({"attention_points"})
 

@@ -16,18 +16,18 @@ import torch
 from omnilens.adapters.base import Adapter
 from omnilens.adapters.decoder import DecoderLayout, decoder_specs
 from omnilens.adapters.vision import VisionTowerLayout, check_vision_media, image_segments, vision_specs
-from omnilens.graph import HookGraph
-from omnilens.packed import Segments
+from omnilens.core.graph import HookGraph
+from omnilens.core.packed import Segments
 
 NOTES = (
     "vision.* is packed: [patch d_model] over all images (no batch axis); cache.meta['segments'] holds each "
-    "image's span along 'patch' and 'merged', cache.meta['vision'] the grids; omnilens.packed.per_image splits "
-    "a cached site per image and omnilens.packed.to_grid reshapes one image to its (t, h, w) patch grid.",
+    "image's span along 'patch' and 'merged', cache.meta['vision'] the grids; omnilens.core.packed.per_image splits "
+    "a cached site per image and omnilens.core.packed.to_grid reshapes one image to its (t, h, w) patch grid.",
     "vision.blocks.{i}.attn.hook_rot_q|hook_rot_k|hook_pattern are visited once per image (HF eager vision "
     "attention runs each image separately); Write.steps picks images. The nnsight executor serves one visit "
     "per site in a forward, so read them per image with the local executor when several images are packed.",
     "hook_embed is the token embedding before image features are inserted; blocks.0.hook_resid_pre has them.",
-    "Qwen2-VL has no CLS token: pool image vectors with omnilens.packed.pool ('mean', 'merged_mean', a patch).",
+    "Qwen2-VL has no CLS token: pool image vectors with omnilens.core.packed.pool ('mean', 'merged_mean', a patch).",
 )
 
 
@@ -70,7 +70,7 @@ class Qwen2VLAdapter(Adapter):
     def prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Check images/videos against their grids and placeholder tokens; fill ``mm_token_type_ids``.
 
-        Raises :class:`~omnilens.errors.HookError` (naming ``vision.hook_patch_embed``) before any
+        Raises :class:`~omnilens.core.errors.HookError` (naming ``vision.hook_patch_embed``) before any
         forward when ``image_grid_thw`` is missing or the image-token count does not match.
         """
         cfg = self.model.config
@@ -85,7 +85,7 @@ class Qwen2VLAdapter(Adapter):
         return inputs
 
     def image_segments(self, inputs: dict[str, Any]) -> Segments | None:
-        """The images' :class:`~omnilens.packed.Segments` of a run (``None`` without images)."""
+        """The images' :class:`~omnilens.core.packed.Segments` of a run (``None`` without images)."""
         return image_segments(inputs, self.merge_size)
 
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:

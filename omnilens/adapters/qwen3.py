@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omnilens.adapters.base import Adapter
 from omnilens.adapters.decoder import DecoderLayout, decoder_specs
-from omnilens.graph import HookGraph
+from omnilens.core.graph import HookGraph
 
 
 def qwen3_layout(config, *, tower: str = "", root: str = "model", unembed: str | None = "lm_head") -> DecoderLayout:

@@ -9,7 +9,7 @@ axis) and are adjusted where their modules differ from a decoder block (``_reloc
 Deepstack: after Thinker block ``i < len(deepstack_visual_indexes)`` the vision tower's
 ``merger_list[i]`` features are added to the residual at the visual positions. That addition happens
 in a method, not a module, so ``blocks.{i}.hook_deepstack`` is served by a temporary
-:class:`~omnilens.hookpoints.HookPoint` (``deepstack_points``, installed only for runs that name it)
+:class:`~omnilens.core.hookpoints.HookPoint` (``deepstack_points``, installed only for runs that name it)
 that carries the addition scattered to ``[batch pos d_model]`` (zeros elsewhere); the residual
 ``resid_post[i] + deepstack[i]`` is bit-identical to Hugging Face's.
 """
@@ -28,12 +28,12 @@ from omnilens.adapters.base import Adapter, GenerationPlan
 from omnilens.adapters.decoder import DecoderLayout, decoder_specs
 from omnilens.adapters.qwen3 import qwen3_layout
 from omnilens.adapters.vision import VisionTowerLayout, check_vision_media, image_segments, vision_specs
-from omnilens.errors import HookError
-from omnilens.graph import HookGraph, HookSpec
-from omnilens.hookpoints import HookPoint
+from omnilens.core.errors import HookError
+from omnilens.core.graph import HookGraph, HookSpec
+from omnilens.core.hookpoints import HookPoint
 from omnilens.inputs.audio import clip_tokens
-from omnilens.packed import Segments, spans_of
-from omnilens.views import TupleItem
+from omnilens.core.packed import Segments, spans_of
+from omnilens.core.views import TupleItem
 
 DEEPSTACK = frozenset({"deepstack_points"})
 
@@ -192,7 +192,7 @@ class Qwen3OmniAdapter(Adapter):
             f"{list(cfg.vision_config.deepstack_visual_indexes)}) is added after Thinker blocks 0..{n_deep - 1} "
             f"(blocks.k.hook_deepstack)",
             "encoder towers are packed (frame/patch axes, no batch): cache.meta['segments'] (and "
-            "cache.meta['vision'] for omnilens.packed) splits them per clip/image; audio attention sites are "
+            "cache.meta['vision'] for omnilens.core.packed) splits them per clip/image; audio attention sites are "
             "visited once per attention window, vision ones once per image",
         ]
         if self.has_talker:
@@ -282,7 +282,7 @@ class Qwen3OmniAdapter(Adapter):
         return out
 
     def image_segments(self, inputs: dict[str, Any]) -> Segments | None:
-        """The images' :class:`~omnilens.packed.Segments` of a run (``None`` without images)."""
+        """The images' :class:`~omnilens.core.packed.Segments` of a run (``None`` without images)."""
         return image_segments(inputs, self.thinker_config.vision_config.spatial_merge_size)
 
     # generation -----------------------------------------------------------------------------------

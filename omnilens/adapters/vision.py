@@ -23,7 +23,7 @@ Stable API (other adapters build on it; extend, do not change):
     ``check_media`` for both images and videos of a config with ``vision_config``,
     ``image_token_id`` and ``video_token_id``, naming ``vision.hook_patch_embed``.
 ``image_segments(inputs, merge_size)``
-    The images' :class:`~omnilens.packed.Segments` of a run (``None`` without images), for
+    The images' :class:`~omnilens.core.packed.Segments` of a run (``None`` without images), for
     ``Adapter.segments`` / ``Adapter.run_meta``.
 
 Axes: ``patch`` is the packed patch axis (all images concatenated, no batch axis); ``merged`` the
@@ -32,8 +32,8 @@ the attention function once per image (``cu_seqlens``), so the attention-interna
 ``attn.hook_rot_q``, ``attn.hook_rot_k`` (``[patch head d_head]``, that image's patches) and
 ``attn.hook_pattern`` (``[segment head query key]`` with ``segment`` of size 1) are visited once per
 image, in image order: ``cache.steps(name)[i]`` is image ``i`` and patches of different images never
-meet in one pattern. They use the shared attention points (:mod:`omnilens.hookpoints`), which run
-Hugging Face's eager attention. :func:`omnilens.packed.per_image` splits any vision site per image.
+meet in one pattern. They use the shared attention points (:mod:`omnilens.core.hookpoints`), which run
+Hugging Face's eager attention. :func:`omnilens.core.packed.per_image` splits any vision site per image.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from omnilens.adapters.decoder import ATTENTION_POINTS, DecoderLayout, decoder_specs
-from omnilens.errors import HookError
-from omnilens.graph import HookSpec
-from omnilens.packed import Segments
-from omnilens.views import View
+from omnilens.core.errors import HookError
+from omnilens.core.graph import HookSpec
+from omnilens.core.packed import Segments
+from omnilens.core.views import View
 
 
 @dataclass(frozen=True, repr=False)
@@ -177,7 +177,7 @@ def check_media(
 ) -> None:
     """Check one medium's packed inputs (``pixel_values`` + ``image_grid_thw``, or the video pair) before a run.
 
-    Raises :class:`~omnilens.errors.HookError` naming ``site`` when the grid is missing, the pixel rows
+    Raises :class:`~omnilens.core.errors.HookError` naming ``site`` when the grid is missing, the pixel rows
     or patch size disagree with it, or the text's runs of ``token_id`` do not match each image's
     merged-token count. Media without pixels and without placeholder tokens pass.
     """
@@ -222,7 +222,7 @@ def check_vision_media(inputs: dict, config) -> None:
 
 
 def image_segments(inputs: dict, merge_size: int) -> Segments | None:
-    """The images' :class:`~omnilens.packed.Segments` of a run's inputs (``None`` without ``pixel_values`` and
+    """The images' :class:`~omnilens.core.packed.Segments` of a run's inputs (``None`` without ``pixel_values`` and
     ``image_grid_thw`` ``[image 3]``)."""
     grid = inputs.get("image_grid_thw")
     if grid is None or inputs.get("pixel_values") is None:

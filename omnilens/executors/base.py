@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from omnilens.errors import HookError
-from omnilens.graph import HookGraph, HookSpec
-from omnilens.views import CallContext
+from omnilens.core.errors import HookError
+from omnilens.core.graph import HookGraph, HookSpec
+from omnilens.core.types import HookFn, PosSelector
+from omnilens.core.views import CallContext
 
-PosSelector = int | slice | Sequence[int] | torch.Tensor | None
-HookFn = Callable[[torch.Tensor, HookSpec], "torch.Tensor | None"]
 
 
 @dataclass(frozen=True)

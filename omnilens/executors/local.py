@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from omnilens.adapters.base import Adapter
-from omnilens.errors import HookError
+from omnilens.core.errors import HookError
 from omnilens.executors.base import Read, RunResult, SiteTask, Write, serve_site, site_tasks
-from omnilens.views import CallContext
+from omnilens.core.views import CallContext
 
 
 class LocalExecutor:

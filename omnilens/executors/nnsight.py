@@ -41,8 +41,8 @@ import torch
 
 from omnilens.adapters.base import Adapter
 from omnilens.executors.base import Read, RunResult, SiteTask, Write, serve_site, site_tasks
-from omnilens.graph import HookSpec
-from omnilens.views import CallContext
+from omnilens.core.graph import HookSpec
+from omnilens.core.views import CallContext
 
 REMOTE_MODES = (False, "local", True)
 

@@ -24,7 +24,7 @@ import torch
 
 from omnilens.inputs.audio import audio_features, clip_tokens
 from omnilens.inputs.vision import ForwardKwargs, image_processor_for, pixel_inputs
-from omnilens.packed import Segments, spans_of
+from omnilens.core.packed import Segments, spans_of
 
 Part = str | Mapping[str, Any]
 

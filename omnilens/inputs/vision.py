@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from omnilens.packed import Segments
+from omnilens.core.packed import Segments
 
 IMAGE_MARKER = "<image>"
 

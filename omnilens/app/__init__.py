@@ -1,0 +1,1 @@
+"""What users run: the ``omnilens`` command line."""

@@ -1,0 +1,1 @@
+"""How reads and writes on the graph are carried out: local PyTorch hooks or nnsight traces."""
